@@ -1,0 +1,3 @@
+from microdiff.cli import main
+
+raise SystemExit(main())

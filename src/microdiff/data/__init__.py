@@ -1,0 +1,1 @@
+"""Data: captioned datasets, the built-in datasets, shards and precompute."""

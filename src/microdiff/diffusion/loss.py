@@ -1,0 +1,136 @@
+"""The denoising loss: one weighted squared error that every parameterisation, patch masking and
+the ambient losses share.
+
+    L = E_sigma E_x0,n  lambda(sigma) * || D(x0 + sigma n, sigma) - x0 ||^2
+
+computed on the backbone output F against its target (x0 - c_skip x)/c_out with weight
+lambda(sigma) * c_out(sigma)^2, which is the same number with better conditioning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from .denoiser import Denoiser, Parameterization, append_dims, first_output
+from .rng import randn_like
+
+REDUCTIONS = ("mean", "mean_per_sample", "sum_per_sample", "none")
+
+
+# --- weightings lambda(sigma) on |D - x0|^2 --------------------------------------------------------
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM's lambda = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (unit variance of F's error)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def eps_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1/sigma^2 = SNR: a unit-weighted eps-prediction loss."""
+    return sigma**-2
+
+
+def v_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """(1 + sigma^2)/sigma^2 = SNR + 1: a unit-weighted v-prediction loss."""
+    return (1 + sigma**2) / sigma**2
+
+
+def min_snr_weight(sigma: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) on the x0 error, SNR = 1/sigma^2.
+    (Their eps- and v-space weights min(SNR,g)/SNR and min(SNR,g)/(SNR+1) are this one.)"""
+    return torch.clamp(sigma**-2, max=gamma)
+
+
+def unit_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1: a plain x0-prediction loss."""
+    return torch.ones_like(sigma)
+
+
+WEIGHTINGS = ("natural", "edm", "eps", "v", "min_snr", "x0")
+
+
+def make_weighting(name: str, parameterization: Parameterization | None = None,
+                   **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """lambda(sigma) by name. 'natural' is the parameterisation's own (a unit loss on F)."""
+    if name == "natural":
+        if parameterization is None:
+            raise ValueError("the 'natural' weighting needs the parameterisation it belongs to")
+        return parameterization.natural_weight
+    table = {"edm": edm_weight, "eps": eps_weight, "v": v_weight, "min_snr": min_snr_weight,
+             "x0": unit_weight}
+    if name not in table:
+        raise ValueError(f"unknown loss weighting {name!r}; choose one of {', '.join(WEIGHTINGS)}")
+    return partial(table[name], **kwargs) if kwargs else table[name]
+
+
+# --- the squared error ----------------------------------------------------------------------------
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Weighted squared error with an optional 0/1 (or soft) mask of observed elements.
+
+    weight: per-sample (B,) or broadcastable to pred. mask: broadcastable to pred; masked-out
+    elements neither contribute nor count. Reductions:
+      mean            - sum of weighted errors over observed elements / number observed (batch-wide;
+                        micro_diffusion's loss over visible patches);
+      mean_per_sample - each sample's mean over its observed elements, then the batch mean;
+      sum_per_sample  - each sample's sum over its elements, then the batch mean (EDM, Ambient);
+      none            - the per-element weighted, masked error.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    err = (pred - target) ** 2
+    if weight is not None:
+        err = err * (append_dims(weight, err.ndim) if weight.ndim == 1 else weight)
+    if mask is not None:
+        mask = mask.to(err.dtype).expand_as(err)
+        err = err * mask
+    if reduction == "none":
+        return err
+    dims = tuple(range(1, err.ndim))
+    per_sample_sum = err.sum(dim=dims) if dims else err
+    if reduction == "sum_per_sample":
+        return per_sample_sum.mean()
+    count = mask.sum(dim=dims) if mask is not None else torch.full_like(per_sample_sum, err[0].numel())
+    if reduction == "mean":
+        return per_sample_sum.sum() / count.sum().clamp(min=1)
+    return (per_sample_sum / count.clamp(min=1)).mean()
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor  # the scalar to backpropagate
+    per_sample: torch.Tensor  # (B,) weighted error, mean over observed elements (for logging by sigma)
+    sigma: torch.Tensor  # (B,)
+    output: Any  # the raw backbone output (may carry e.g. a patch mask)
+
+
+def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
+                   weighting: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   noise: torch.Tensor | None = None, generator=None,
+                   mask: torch.Tensor | None = None, reduction: str = "mean",
+                   cond: dict | None = None) -> LossResult:
+    """One denoising-loss evaluation at per-sample noise levels ``sigma`` (shape (B,)).
+
+    weighting: lambda(sigma) on |D - x0|^2; default is the parameterisation's natural one.
+    """
+    if sigma.shape != (x0.shape[0],):
+        raise ValueError(f"sigma must have shape ({x0.shape[0]},), got {tuple(sigma.shape)}")
+    param = denoiser.parameterization
+    weighting = weighting or param.natural_weight
+    noise = randn_like(x0, generator) if noise is None else noise
+    s = append_dims(sigma.to(x0.dtype), x0.ndim)
+    x = x0 + s * noise
+    out, sigma = denoiser.model_output(x, sigma, **(cond or {}))
+    F = first_output(out).to(x0.dtype)
+    target = param.target(x0, x, s)
+    weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
+    loss = masked_mse(F, target, weight, mask, reduction)
+    with torch.no_grad():
+        per_sample_err = masked_mse(F, target, weight, mask, "none").flatten(1).sum(1)
+        count = mask.expand_as(F).flatten(1).sum(1) if mask is not None else F[0].numel()
+        per_sample = per_sample_err / (count.clamp(min=1) if mask is not None else count)
+    return LossResult(loss=loss, per_sample=per_sample, sigma=sigma, output=out)

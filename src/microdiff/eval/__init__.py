@@ -1,0 +1,1 @@
+"""Evaluation: distances between sample sets, FID/FD, CLIP score, memorisation."""
