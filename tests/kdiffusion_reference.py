@@ -12,11 +12,11 @@ import types
 
 
 def load_kdiffusion_sampling():
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         return None
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
     package = types.ModuleType("k_diffusion")
     package.__path__ = list(spec.submodule_search_locations)
     stub_names = ["torchvision", "torchvision.transforms", "torchvision.transforms.functional"]

@@ -26,7 +26,7 @@ class GaussianMixture:
             raise ValueError(f"means must be (K, dim), got shape {tuple(self.means.shape)}")
         k, dim = self.means.shape
         stds = torch.as_tensor(stds, dtype=torch.float64)
-        self.stds = stds.reshape(k, 1).expand(k, dim).clone() if stds.ndim <= 1 else stds.clone()
+        self.stds = stds.expand(k).reshape(k, 1).expand(k, dim).clone() if stds.ndim <= 1 else stds.clone()
         if self.stds.shape != (k, dim) or bool((self.stds <= 0).any()):
             raise ValueError("stds must be positive, one per component or one per component and dim")
         w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)

@@ -50,6 +50,7 @@ class DiscreteSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D table with every entry in (0, 1)")
+        self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()  # ascending in k
         self.log_sigmas = self.sigmas.log()

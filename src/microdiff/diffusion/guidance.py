@@ -29,8 +29,9 @@ def _batch_cond(conds: Sequence[Mapping], batch: int) -> dict:
     out = {}
     for key in conds[0]:
         values = [c[key] for c in conds]
-        if not isinstance(values[0], torch.Tensor):
-            if any(v != values[0] for v in values[1:]):
+        if not isinstance(values[0], torch.Tensor) or values[0].ndim == 0:
+            # scalars (floats, 0-d tensors) are shared by all samples; they must agree across branches
+            if any(bool(v != values[0]) for v in values[1:]):
                 raise ValueError(f"condition {key!r} differs between branches but is not a tensor")
             out[key] = values[0]
             continue

@@ -90,14 +90,19 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
         err = err * mask
     if reduction == "none":
         return err
-    dims = tuple(range(1, err.ndim))
-    per_sample_sum = err.sum(dim=dims) if dims else err
+    per_sample_sum = err.reshape(err.shape[0], -1).sum(1)
     if reduction == "sum_per_sample":
         return per_sample_sum.mean()
-    count = mask.sum(dim=dims) if mask is not None else torch.full_like(per_sample_sum, err[0].numel())
+    per_sample_count = (mask.reshape(err.shape[0], -1).sum(1) if mask is not None
+                        else torch.full_like(per_sample_sum, err[0].numel()))
     if reduction == "mean":
-        return per_sample_sum.sum() / count.sum().clamp(min=1)
-    return (per_sample_sum / count.clamp(min=1)).mean()
+        return _safe_divide(per_sample_sum.sum(), per_sample_count.sum())
+    return _safe_divide(per_sample_sum, per_sample_count).mean()
+
+
+def _safe_divide(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count, and 0 where nothing was observed (count == 0; soft masks may sum below 1)."""
+    return torch.where(count > 0, total / count.clamp(min=torch.finfo(count.dtype).tiny), 0.0)
 
 
 @dataclass
@@ -130,7 +135,7 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
     weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
     loss = masked_mse(F, target, weight, mask, reduction)
     with torch.no_grad():
-        per_sample_err = masked_mse(F, target, weight, mask, "none").flatten(1).sum(1)
-        count = mask.expand_as(F).flatten(1).sum(1) if mask is not None else F[0].numel()
-        per_sample = per_sample_err / (count.clamp(min=1) if mask is not None else count)
+        per_sample = masked_mse(F, target, weight, mask, "none").reshape(len(F), -1).sum(1)
+        count = mask.expand_as(F).reshape(len(F), -1).sum(1) if mask is not None else F[0].numel()
+        per_sample = _safe_divide(per_sample, torch.as_tensor(count, dtype=per_sample.dtype))
     return LossResult(loss=loss, per_sample=per_sample, sigma=sigma, output=out)

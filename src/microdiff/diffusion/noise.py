@@ -60,14 +60,25 @@ class CosineUniform:
 
 
 class DiscreteUniform:
-    """A DDPM timestep k ~ U{0, ..., T-1}, sigma = the schedule's sigma_k."""
+    """A DDPM timestep k ~ U{0, ..., T-1}, sigma = the schedule's sigma_k.
+
+    Built from a named beta schedule (``beta_schedule``, ``num_timesteps``, and make_betas'
+    keyword arguments such as beta_start/beta_end), or from an explicit ``betas`` table."""
 
     name = "discrete"
 
-    def __init__(self, schedule: DiscreteSchedule | None = None, beta_schedule: str = "linear",
-                 num_timesteps: int = 1000):
-        self.schedule = schedule or DiscreteSchedule.from_name(beta_schedule, num_timesteps)
-        self.beta_schedule = beta_schedule
+    def __init__(self, beta_schedule: str = "linear", num_timesteps: int = 1000,
+                 betas=None, **beta_kwargs):
+        if betas is not None:
+            self.schedule = DiscreteSchedule(torch.as_tensor(betas, dtype=torch.float64))
+            self._config = {"betas": self.schedule.betas.tolist()}
+        else:
+            self.schedule = DiscreteSchedule.from_name(beta_schedule, num_timesteps, **beta_kwargs)
+            self._config = {"beta_schedule": beta_schedule, "num_timesteps": num_timesteps, **beta_kwargs}
+
+    @classmethod
+    def from_schedule(cls, schedule: DiscreteSchedule) -> "DiscreteUniform":
+        return cls(betas=schedule.betas)
 
     def sample(self, n: int, generator=None, device="cpu") -> torch.Tensor:
         gen_device = generator.device if generator is not None else device
@@ -75,8 +86,7 @@ class DiscreteUniform:
         return self.schedule.sigmas[k.cpu()].float().to(device)
 
     def config(self):
-        return {"name": self.name, "beta_schedule": self.beta_schedule,
-                "num_timesteps": self.schedule.num_timesteps}
+        return {"name": self.name, **self._config}
 
 
 class LogUniform:
