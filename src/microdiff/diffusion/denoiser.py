@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.registry import lookup
 from .ddpm import DiscreteSchedule
 from .vp import sigma_to_cosine_t
 
@@ -141,13 +142,7 @@ PARAMETERIZATIONS = {cls.name: cls for cls in (EDM, VPrediction, EpsPrediction, 
 
 
 def make_parameterization(name: str, **kwargs) -> Parameterization:
-    try:
-        cls = PARAMETERIZATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown parameterisation {name!r}; choose one of {', '.join(PARAMETERIZATIONS)}"
-        ) from None
-    return cls(**kwargs)
+    return lookup(PARAMETERIZATIONS, name, "parameterisation")(**kwargs)
 
 
 def first_output(out: Any) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..utils.registry import lookup
 from .denoiser import Denoiser, Parameterization, append_dims, first_output
 from .rng import randn_like
 
@@ -48,21 +49,19 @@ def unit_weight(sigma: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(sigma)
 
 
-WEIGHTINGS = ("natural", "edm", "eps", "v", "min_snr", "x0")
+WEIGHTING_FUNCTIONS = {"edm": edm_weight, "eps": eps_weight, "v": v_weight, "min_snr": min_snr_weight,
+                       "x0": unit_weight}
 
 
 def make_weighting(name: str, parameterization: Parameterization | None = None,
                    **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
     """lambda(sigma) by name. 'natural' is the parameterisation's own (a unit loss on F)."""
-    if name == "natural":
+    fn = lookup({"natural": None, **WEIGHTING_FUNCTIONS}, name, "loss weighting")
+    if fn is None:
         if parameterization is None:
             raise ValueError("the 'natural' weighting needs the parameterisation it belongs to")
         return parameterization.natural_weight
-    table = {"edm": edm_weight, "eps": eps_weight, "v": v_weight, "min_snr": min_snr_weight,
-             "x0": unit_weight}
-    if name not in table:
-        raise ValueError(f"unknown loss weighting {name!r}; choose one of {', '.join(WEIGHTINGS)}")
-    return partial(table[name], **kwargs) if kwargs else table[name]
+    return partial(fn, **kwargs) if kwargs else fn
 
 
 # --- the squared error ----------------------------------------------------------------------------

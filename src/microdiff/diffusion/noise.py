@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..utils.registry import lookup
 from .ddpm import DiscreteSchedule
 from .vp import cosine_t_to_sigma
 
@@ -111,10 +112,4 @@ NOISE_DISTRIBUTIONS = {cls.name: cls for cls in (LogNormal, CosineUniform, Discr
 
 
 def make_noise_distribution(name: str, **kwargs):
-    try:
-        cls = NOISE_DISTRIBUTIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown noise distribution {name!r}; choose one of {', '.join(NOISE_DISTRIBUTIONS)}"
-        ) from None
-    return cls(**kwargs)
+    return lookup(NOISE_DISTRIBUTIONS, name, "noise distribution")(**kwargs)

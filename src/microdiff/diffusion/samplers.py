@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
+from ..utils.registry import lookup
 from .rng import randn_like
 from .schedules import check_sigmas
 
@@ -230,10 +231,7 @@ STOCHASTIC = frozenset({"euler_ancestral", "ddim", "dpmpp_3m_sde"})  # ddim only
 
 
 def get_sampler(name: str) -> Callable:
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+    return lookup(SAMPLERS, name, "sampler")
 
 
 def denoiser_calls(name: str, n_steps: int) -> int:
