@@ -12,8 +12,6 @@ the demo use it as ground truth for samplers and losses.
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 
 
@@ -51,13 +49,16 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.means[comp] + self.stds[comp] * z).to(dtype)
 
+    def _component_log_probs(self, x: torch.Tensor, sigma: torch.Tensor):
+        """log(w_k N(x; mu_k, diag(s_k^2 + sigma^2))) (B, K), the variances (B, K, dim), x - mu."""
+        var = (self.stds**2).to(x)[None] + (sigma**2)[:, None, None]  # (B, K, dim)
+        diff = x[:, None, :] - self.means.to(x)[None]
+        log_p = -0.5 * ((diff**2 / var) + var.log() + math.log(2 * math.pi)).sum(-1)
+        return log_p + self.weights.to(x).log()[None], var, diff
+
     def _posterior(self, x: torch.Tensor, sigma: torch.Tensor):
         """Responsibilities r (B, K) and total variances v (B, K, dim) for flattened x (B, dim)."""
-        mu, s2 = self.means.to(x), (self.stds**2).to(x)
-        var = s2[None] + (sigma**2)[:, None, None]  # (B, K, dim)
-        diff = x[:, None, :] - mu[None]
-        log_p = -0.5 * ((diff**2 / var) + var.log() + math.log(2 * math.pi)).sum(-1)
-        log_p = log_p + self.weights.to(x).log()[None]
+        log_p, var, diff = self._component_log_probs(x, sigma)
         return torch.softmax(log_p, dim=1), var, diff
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -76,10 +77,7 @@ class GaussianMixture:
         """log density of x under the mixture convolved with N(0, sigma^2 I)."""
         x = x.reshape(x.shape[0], -1)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        var = (self.stds**2).to(x)[None] + (sigma**2)[:, None, None]
-        diff = x[:, None, :] - self.means.to(x)[None]
-        log_p = -0.5 * ((diff**2 / var) + var.log() + math.log(2 * math.pi)).sum(-1)
-        return torch.logsumexp(log_p + self.weights.to(x).log()[None], dim=1)
+        return torch.logsumexp(self._component_log_probs(x, sigma)[0], dim=1)
 
 
 class OracleBackbone(torch.nn.Module):
@@ -125,8 +123,3 @@ def probability_flow_reference(mixture: GaussianMixture, x: torch.Tensor, sigma_
     if not sol.success:
         raise RuntimeError(f"reference ODE solve failed: {sol.message}")
     return torch.from_numpy(sol.y[:, -1].copy()).reshape(shape)
-
-
-def mixture_from_points(points: Sequence[Sequence[float]], std: float) -> GaussianMixture:
-    """Equal-weight mixture with one isotropic component per point."""
-    return GaussianMixture(torch.as_tensor(points, dtype=torch.float64), std)
