@@ -77,26 +77,42 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
       sum_per_sample  - each sample's sum over its elements, then the batch mean (EDM, Ambient);
       none            - the per-element weighted, masked error.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    err, mask = _masked_errors(pred, target, weight, mask)
+    return err if reduction == "none" else _reduce(err, mask, reduction)
+
+
+def _masked_errors(pred, target, weight, mask):
+    """Per-element weighted, masked squared errors, and the mask expanded to their shape."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     err = (pred - target) ** 2
     if weight is not None:
         err = err * (append_dims(weight, err.ndim) if weight.ndim == 1 else weight)
     if mask is not None:
         mask = mask.to(err.dtype).expand_as(err)
         err = err * mask
-    if reduction == "none":
-        return err
-    per_sample_sum = err.reshape(err.shape[0], -1).sum(1)
+    return err, mask
+
+
+def _per_sample_sums(err: torch.Tensor, mask: torch.Tensor | None):
+    """Each sample's summed error and its observed count (elements, or mask total)."""
+    total = err.reshape(err.shape[0], -1).sum(1)
+    count = (mask.reshape(err.shape[0], -1).sum(1) if mask is not None
+             else torch.full_like(total, err[0].numel()))
+    return total, count
+
+
+def _reduce(err: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS[:-1]:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS[:-1])}")
+    total, count = _per_sample_sums(err, mask)
     if reduction == "sum_per_sample":
-        return per_sample_sum.mean()
-    per_sample_count = (mask.reshape(err.shape[0], -1).sum(1) if mask is not None
-                        else torch.full_like(per_sample_sum, err[0].numel()))
+        return total.mean()
     if reduction == "mean":
-        return _safe_divide(per_sample_sum.sum(), per_sample_count.sum())
-    return _safe_divide(per_sample_sum, per_sample_count).mean()
+        return _safe_divide(total.sum(), count.sum())
+    return _safe_divide(total, count).mean()
 
 
 def _safe_divide(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -132,9 +148,9 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
     F = first_output(out).to(x0.dtype)
     target = param.target(x0, x, s)
     weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
-    loss = masked_mse(F, target, weight, mask, reduction)
+    err, mask = _masked_errors(F, target, weight, mask)
+    loss = _reduce(err, mask, reduction)
     with torch.no_grad():
-        per_sample = masked_mse(F, target, weight, mask, "none").reshape(len(F), -1).sum(1)
-        count = mask.expand_as(F).reshape(len(F), -1).sum(1) if mask is not None else F[0].numel()
-        per_sample = _safe_divide(per_sample, torch.as_tensor(count, dtype=per_sample.dtype))
+        total, count = _per_sample_sums(err, mask)
+        per_sample = _safe_divide(total, count)
     return LossResult(loss=loss, per_sample=per_sample, sigma=sigma, output=out)
