@@ -120,6 +120,18 @@ def _safe_divide(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=torch.finfo(count.dtype).tiny), 0.0)
 
 
+def output_loss_mask(out: Any) -> torch.Tensor | None:
+    """The mask of elements a backbone actually predicted, if it says so: a dict output's
+    ``loss_mask`` (e.g. MicroDiT's visible patches under token masking), else None."""
+    return out.get("loss_mask") if isinstance(out, dict) else None
+
+
+def _combine_masks(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a * b
+
+
 @dataclass
 class LossResult:
     loss: torch.Tensor  # the scalar to backpropagate
@@ -136,6 +148,9 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
     """One denoising-loss evaluation at per-sample noise levels ``sigma`` (shape (B,)).
 
     weighting: lambda(sigma) on |D - x0|^2; default is the parameterisation's natural one.
+    mask: observed elements (ambient masks, padding); it is multiplied by the backbone's own
+    ``loss_mask`` when the backbone returns one, so a token-masked MicroDiT is scored only on the
+    patches it saw.
     """
     if sigma.shape != (x0.shape[0],):
         raise ValueError(f"sigma must have shape ({x0.shape[0]},), got {tuple(sigma.shape)}")
@@ -148,7 +163,7 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
     F = first_output(out).to(x0.dtype)
     target = param.target(x0, x, s)
     weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
-    err, mask = _masked_errors(F, target, weight, mask)
+    err, mask = _masked_errors(F, target, weight, _combine_masks(mask, output_loss_mask(out)))
     loss = _reduce(err, mask, reduction)
     with torch.no_grad():
         total, count = _per_sample_sums(err, mask)

@@ -1,0 +1,201 @@
+"""Building blocks shared by the backbones: embeddings, norms, attention, feed-forward layers.
+
+Module and parameter names follow micro_diffusion's so that its state dicts load unchanged
+(``mlp.0``/``mlp.2`` in the timestep embedder, ``fc1``/``norm``/``fc2`` in caption MLPs, ``qkv``,
+``q_linear``, ``kv_linear``, ``proj`` in attention, ``w1``/``w2``/``w3`` in SwiGLU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tanh_gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+def layer_norm(dim: int, eps: float = 1e-6, affine: bool = True) -> nn.LayerNorm:
+    """LayerNorm without a bias (a learned scale only, or nothing when ``affine=False``)."""
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=False)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation of tokens (B, T, D) by per-sample (B, D) shift and scale."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return multiple * ((n + multiple - 1) // multiple)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of a (B,) tensor: cos of all frequencies, then sin (float32).
+
+    Frequencies are ``max_period ** (-i / (dim // 2))`` for i = 0 .. dim//2 - 1; an odd ``dim``
+    gets one zero column at the end.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the noise level followed by a two-layer MLP (tanh-GELU)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 512):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), tanh_gelu(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(t, self.frequency_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class Mlp(nn.Module):
+    """fc1 -> tanh-GELU -> optional norm -> fc2 (timm's Mlp without dropout)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: nn.Module | None = None,
+                 bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim, bias=bias)
+        self.act = tanh_gelu()
+        self.norm = norm if norm is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_dim, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim) features: sin of all frequencies, then cos (float64)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    args = positions.to(torch.float64).reshape(-1, 1) * omega
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_hw: tuple[int, int], pos_interp_scale: float = 1.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos table (H*W, dim), rows in raster order, as micro_diffusion builds it.
+
+    Patch (r, c) sits at coordinates (r, c) / pos_interp_scale; the first half of the features
+    encodes the column, the second half the row. With ``pos_interp_scale=2`` a grid twice as large
+    puts its coordinates i/2 exactly on the base grid, so a 512-px model reuses 256-px positions.
+    """
+    if dim % 4:
+        raise ValueError(f"the positional embedding needs a width divisible by 4, got {dim}")
+    h, w = grid_hw
+    rows = torch.arange(h, dtype=torch.float32) / pos_interp_scale
+    cols = torch.arange(w, dtype=torch.float32) / pos_interp_scale
+    row_grid, col_grid = torch.meshgrid(rows, cols, indexing="ij")
+    emb = torch.cat([sincos_1d(dim // 2, col_grid), sincos_1d(dim // 2, row_grid)], dim=1)
+    return emb.float()
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def _attention_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) keep-mask of keys -> boolean mask broadcastable over (B, heads, queries, L).
+
+    A sample with no valid key at all (e.g. an empty caption) attends to every key rather than
+    producing NaNs.
+    """
+    if key_mask is None:
+        return None
+    if key_mask.ndim != 2:
+        raise ValueError(f"an attention key mask must have shape (B, L), got {tuple(key_mask.shape)}")
+    key_mask = key_mask.bool()
+    key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+    return key_mask[:, None, None, :]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with QK-norm: one non-affine LayerNorm over all heads of q and k.
+
+    ``hidden_dim`` (default ``dim``) is the width of the q/k/v space; heads = hidden_dim / head_dim.
+    """
+
+    def __init__(self, dim: int, head_dim: int, hidden_dim: int | None = None, bias: bool = False,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        hidden_dim = hidden_dim or dim
+        if hidden_dim % head_dim:
+            raise ValueError(f"attention width {hidden_dim} is not a multiple of head_dim {head_dim}")
+        self.heads = hidden_dim // head_dim
+        self.qkv = nn.Linear(dim, 3 * hidden_dim, bias=bias)
+        self.proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.ln_q = layer_norm(hidden_dim, norm_eps, affine=False)
+        self.ln_k = layer_norm(hidden_dim, norm_eps, affine=False)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` (B, T), True = a real token others may attend to (None: all tokens)."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.ln_q(q).to(v.dtype), self.ln_k(k).to(v.dtype)
+        out = F.scaled_dot_product_attention(
+            *(_split_heads(a, self.heads) for a in (q, k, v)), attn_mask=_attention_mask(key_mask))
+        return self.proj(_merge_heads(out))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the tokens, keys and values from the caption tokens; QK-norm as in SelfAttention.
+
+    ``context_mask`` (B, L), True = attend, lets padded caption tokens be ignored; micro_diffusion
+    attends to all tokens (its captions are zero-padded), which is the default.
+    """
+
+    def __init__(self, dim: int, head_dim: int, hidden_dim: int | None = None, bias: bool = False,
+                 norm_eps: float = 1e-6, context_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or dim
+        if hidden_dim % head_dim:
+            raise ValueError(f"attention width {hidden_dim} is not a multiple of head_dim {head_dim}")
+        self.heads = hidden_dim // head_dim
+        self.q_linear = nn.Linear(dim, hidden_dim, bias=bias)
+        self.kv_linear = nn.Linear(context_dim or dim, 2 * hidden_dim, bias=bias)
+        self.proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.ln_q = layer_norm(hidden_dim, norm_eps, affine=False)
+        self.ln_k = layer_norm(hidden_dim, norm_eps, affine=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.q_linear(x)
+        k, v = self.kv_linear(context).chunk(2, dim=-1)
+        q, k = self.ln_q(q).to(v.dtype), self.ln_k(k).to(v.dtype)
+        out = F.scaled_dot_product_attention(
+            *(_split_heads(a, self.heads) for a in (q, k, v)), attn_mask=_attention_mask(context_mask))
+        return self.proj(_merge_heads(out))
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(w1 x) * w2 x), hidden = ``2/3 * hidden_dim`` rounded up to ``multiple_of``."""
+
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, bias: bool = False):
+        super().__init__()
+        self.hidden_dim = round_up(int(2 * hidden_dim / 3), multiple_of)
+        self.w1 = nn.Linear(dim, self.hidden_dim, bias=bias)
+        self.w2 = nn.Linear(dim, self.hidden_dim, bias=bias)
+        self.w3 = nn.Linear(self.hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+__all__ = [
+    "tanh_gelu", "layer_norm", "modulate", "round_up", "timestep_embedding", "TimestepEmbedder",
+    "Mlp", "sincos_1d", "sincos_pos_embed_2d", "SelfAttention", "CrossAttention", "SwiGLU",
+]
