@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..utils.registry import lookup
-from .layers import (CrossAttention, Mlp, SelfAttention, SwiGLU, TimestepEmbedder, layer_norm,
-                     modulate, round_up, sincos_pos_embed_2d, tanh_gelu)
+from .layers import (CrossAttention, Mlp, SelfAttention, SwiGLU, TimestepEmbedder, caption_tokens, layer_norm,
+                     mean_tokens, modulate, noise_batch, round_up, sincos_pos_embed_2d, tanh_gelu)
 from .moe import ExpertChoiceMoE
 
 Ratio = float | Sequence[float]
@@ -312,12 +312,12 @@ class MicroDiT(nn.Module):
         (B, 1, L, caption_channels) or (B, L, caption_channels); y_mask: optional (B, L), True = real
         token (default: attend to all, as micro_diffusion); mask_ratio: fraction of tokens dropped
         after the patch-mixer, drawn from ``generator`` (default: torch's global generator)."""
-        y = self._check_inputs(x, y)
+        y = self._check_inputs(x, y, y_mask)
         b = x.shape[0]
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(_noise_batch(t, b, x.device))
+        c = self.t_embedder(noise_batch(t, b, x.device))
         y = self.y_emb_preprocess(self.y_embedder(y), y_mask)
-        c = c + self.pooled_y_emb_process(_mean_tokens(y, y_mask))
+        c = c + self.pooled_y_emb_process(mean_tokens(y, y_mask))
 
         if self.use_patch_mixer:
             tokens = self.patch_mixer_map_xin(tokens)
@@ -344,7 +344,7 @@ class MicroDiT(nn.Module):
             return checkpoint(block, x, y, c, y_mask, use_reentrant=False)
         return block(x, y, c, y_mask)
 
-    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"MicroDiT expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.input_hw:
@@ -353,12 +353,7 @@ class MicroDiT(nn.Module):
                 f"{self.grid[0]}x{self.grid[1]} patches), got {x.shape[-2]}x{x.shape[-1]}; build it with "
                 f"input_size={x.shape[-2] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:])} "
                 "(and pos_interp_scale to reuse positions of another resolution)")
-        if y.ndim == 4 and y.shape[1] == 1:
-            y = y.squeeze(1)
-        if y.ndim != 3 or y.shape[0] != x.shape[0] or y.shape[-1] != self.caption_channels:
-            raise ValueError(f"caption y must have shape ({x.shape[0]}, 1, L, {self.caption_channels}) or "
-                             f"({x.shape[0]}, L, {self.caption_channels}), got {tuple(y.shape)}")
-        return y
+        return caption_tokens(y, y_mask, x.shape[0], self.caption_channels).to(self.pos_embed.dtype)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) tokens in raster order -> (B, C, H, W)."""
@@ -371,22 +366,6 @@ class MicroDiT(nn.Module):
         h, w = self.grid
         keep = (1 - mask).reshape(-1, 1, h, w)
         return keep.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
-
-
-def _noise_batch(t, batch: int, device) -> torch.Tensor:
-    """The noise input as a (B,) tensor; a scalar or a single value is shared by the batch."""
-    t = torch.as_tensor(t, device=device).reshape(-1)
-    if t.numel() not in (1, batch):
-        raise ValueError(f"t must be a scalar or have shape ({batch},), got {t.numel()} values")
-    return t.expand(batch)
-
-
-def _mean_tokens(y: torch.Tensor, y_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over caption tokens (over the real ones when a mask is given)."""
-    if y_mask is None:
-        return y.mean(dim=1)
-    w = y_mask.to(y.dtype).unsqueeze(-1)
-    return (y * w).sum(1) / w.sum(1).clamp(min=1)
 
 
 def _as_data(ratio: Ratio) -> float | list[float]:

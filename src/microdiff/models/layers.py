@@ -32,6 +32,42 @@ def round_up(n: int, multiple: int) -> int:
     return multiple * ((n + multiple - 1) // multiple)
 
 
+def noise_batch(t, batch: int, device=None) -> torch.Tensor:
+    """The noise input as a (B,) tensor; a scalar or a single value is shared by the batch."""
+    t = torch.as_tensor(t, device=device)
+    if t.numel() == 1:
+        return t.reshape(1).expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar, (1,) or ({batch},) for a batch of {batch}, got {tuple(t.shape)}")
+    return t
+
+
+def caption_tokens(y: torch.Tensor, y_mask: torch.Tensor | None, batch: int, channels: int) -> torch.Tensor:
+    """Caption states as (B, L, C); (B, 1, L, C) (micro_diffusion's layout) is accepted too."""
+    if y.ndim == 4 and y.shape[1] == 1:
+        y = y.squeeze(1)
+    if y.ndim != 3 or y.shape[0] != batch or y.shape[-1] != channels:
+        raise ValueError(f"caption y must have shape ({batch}, L, {channels}) or ({batch}, 1, L, {channels}), "
+                         f"got {tuple(y.shape)}")
+    if y_mask is not None and tuple(y_mask.shape) != tuple(y.shape[:2]):
+        raise ValueError(f"y_mask must have shape {tuple(y.shape[:2])} (B, L), got {tuple(y_mask.shape)}")
+    return y
+
+
+def mean_tokens(y: torch.Tensor, y_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over caption tokens (B, L, D) -> (B, D); over the real ones when a mask is given.
+
+    A sample whose mask has no real token averages all of them, as attention does for it (see
+    ``_attention_mask``), so an all-False mask means the same as no mask.
+    """
+    if y_mask is None:
+        return y.mean(dim=1)
+    keep = y_mask.bool()
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    w = keep.to(y.dtype).unsqueeze(-1)
+    return (y * w).sum(1) / w.sum(1)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of a (B,) tensor: cos of all frequencies, then sin (float32).
 
@@ -196,6 +232,6 @@ class SwiGLU(nn.Module):
 
 
 __all__ = [
-    "tanh_gelu", "layer_norm", "modulate", "round_up", "timestep_embedding", "TimestepEmbedder",
+    "tanh_gelu", "layer_norm", "modulate", "round_up", "noise_batch", "caption_tokens", "mean_tokens", "timestep_embedding", "TimestepEmbedder",
     "Mlp", "sincos_1d", "sincos_pos_embed_2d", "SelfAttention", "CrossAttention", "SwiGLU",
 ]
