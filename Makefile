@@ -21,6 +21,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/models.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
