@@ -1,0 +1,1 @@
+"""Text encoders and autoencoders behind two small protocols (see ``base.py``)."""
