@@ -1,0 +1,109 @@
+"""Save and load our own trained autoencoders (KL-VAE, VQGAN) as a folder:
+
+    <folder>/config.json          {"kind": "vae" | "vqgan", "format": 1, "scale": ..., "shift": ...,
+                                   "config": {architecture fields, scale, shift}}
+    <folder>/model.safetensors    weights and buffers (the VQ codebook and its EMA statistics)
+
+``load_trained_autoencoder(folder)`` rebuilds the model in eval mode with
+``identifier = "microdiff-vae:<absolute folder>"`` (or ``microdiff-vqgan:``), the string a
+precompute run stores in its shard metadata and from which
+:func:`microdiff.encoders.image.load_autoencoder` rebuilds the model (local folders are stored as
+absolute paths, as for the other autoencoder schemes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .vae import AutoencoderConfig, ConvAutoencoder, KLAutoencoder
+from .vqgan import VQAutoencoder, VQConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+KINDS: dict[str, tuple[type[ConvAutoencoder], type[AutoencoderConfig]]] = {
+    "vae": (KLAutoencoder, AutoencoderConfig),
+    "vqgan": (VQAutoencoder, VQConfig),
+}
+
+
+def build_autoencoder(kind: str, config: AutoencoderConfig | dict | None = None) -> ConvAutoencoder:
+    """A fresh model of ``kind`` ("vae" or "vqgan") from a config object or dict of its fields.
+    The model gets its own copy of the config (``fit_scale`` changes it)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown autoencoder kind {kind!r}; choose one of {', '.join(KINDS)}")
+    model_cls, config_cls = KINDS[kind]
+    if isinstance(config, AutoencoderConfig):
+        config = config.to_dict()
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"a {kind!r} autoencoder needs a {config_cls.__name__} or a dict, got {type(config).__name__}")
+    return model_cls(config_cls.from_dict(config or {}))
+
+
+def save_autoencoder(model: ConvAutoencoder, folder: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created); returns the folder."""
+    from safetensors.torch import save_file
+
+    if model.kind not in KINDS:
+        raise ValueError(f"cannot save a {type(model).__name__}: only {', '.join(KINDS)} autoencoders")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"kind": model.kind})
+    config = {"kind": model.kind, "format": FORMAT_VERSION, "scale": model.config.scale,
+              "shift": model.config.shift, "config": model.config.to_dict()}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_trained_autoencoder(folder: str | Path, device: str | torch.device = "cpu", sample: bool = False,
+                             clamp: bool = False) -> ConvAutoencoder:
+    """The autoencoder saved in ``folder`` by :func:`save_autoencoder`, in eval mode on ``device``,
+    with gradients off. ``sample``: a KL autoencoder's ``encode`` draws from the posterior instead
+    of returning its mean. ``clamp``: ``decode`` clamps images to [-1, 1]."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such autoencoder folder (expected the output of "
+                                "`microdiff train-autoencoder`, with config.json and model.safetensors)")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; the folder is not a saved microdiff autoencoder")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: missing; the training run did not finish saving, "
+                                "rerun it (it resumes from its checkpoint)")
+    try:
+        saved = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(saved, dict) or saved.get("kind") not in KINDS or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{config_path}: field 'kind' must be one of {list(KINDS)} and 'config' an object; "
+                         f"got kind={saved.get('kind') if isinstance(saved, dict) else None!r}")
+    if saved.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{config_path}: format {saved['format']} is newer than this microdiff reads "
+                         f"({FORMAT_VERSION}); upgrade microdiff")
+    arch = dict(saved["config"])
+    arch.update({k: float(saved[k]) for k in ("scale", "shift") if k in saved})  # top level wins
+    model = build_autoencoder(saved["kind"], arch)
+    state = load_file(str(weights_path))
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: weights do not match config.json "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[-1].strip()
+        raise ValueError(f"{weights_path}: weights do not match config.json ({reason})") from None
+    if sample and saved["kind"] != "vae":
+        raise ValueError(f"{folder}: sample=True needs a KL autoencoder (kind 'vae'); this one is {saved['kind']!r}")
+    model.sample_posterior, model.clamp = bool(sample), bool(clamp)
+    model.identifier = f"microdiff-{saved['kind']}:{folder.resolve()}"
+    return model.to(device).eval().requires_grad_(False)
+
+
+__all__ = ["build_autoencoder", "save_autoencoder", "load_trained_autoencoder", "KINDS"]
