@@ -394,13 +394,8 @@ def _load_trained(identifier: str, rest: str, device, dtype, sample: bool, *, sc
     if not rest or not folder.is_dir():
         raise FileNotFoundError(f"{identifier!r}: folder {rest!r} does not exist; pass the folder your "
                                 f"{scheme.split('-')[1].upper()} training saved")
-    try:
-        autoencoder_io = importlib.import_module(f"{__package__}.autoencoder_io")
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.autoencoder_io":
-            raise
-        raise NotImplementedError(f"{scheme}: needs microdiff.encoders.autoencoder_io."
-                                  "load_trained_autoencoder, which this install does not have yet") from None
+    from . import autoencoder_io
+
     kwargs = {"sample": True} if sample else {}
     ae = autoencoder_io.load_trained_autoencoder(folder.resolve(), **kwargs, **options)
     if isinstance(ae, nn.Module):

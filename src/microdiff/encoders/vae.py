@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion.rng import GeneratorSpec, randn_like
-from ..models.unet import group_norm
+from ..models.unet import Upsample, group_norm
 
 LOGVAR_CLAMP = (-30.0, 20.0)  # LDM's clamp: keeps exp(logvar) finite early in training
 
@@ -146,15 +146,6 @@ class Encoder(nn.Module):
         for level in self.levels:
             h = level.down(level.blocks(h))
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Decoder(nn.Module):
