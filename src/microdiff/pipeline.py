@@ -1,0 +1,265 @@
+"""Text -> image: a text encoder, an autoencoder, a denoiser and a sampler behind ``generate``.
+
+    pipe = Pipeline.from_pretrained("runs/shapes/pipeline")
+    images = pipe.generate(prompt=["a red circle"], num_inference_steps=30, guidance_scale=5.0, seed=42)
+    pipe.to_pil(images)[0].save("red.png")
+
+A pipeline folder, readable without our code::
+
+    pipeline.yaml            every part named: text encoder and autoencoder identifiers (see
+                             microdiff.encoders), backbone class + config, parameterisation,
+                             sampling defaults (sampler, steps, guidance, sigma range, rho, size)
+    denoiser.safetensors     the backbone's weights
+    text_encoder/            the text encoder's own folder (weights only for the trainable built-in)
+    autoencoder/             our own trained autoencoder, copied in (pretrained ones are named by id)
+
+Determinism: image k of a call uses the generator seeded ``seed + k`` for its starting noise and
+for every stochastic step, so it does not depend on how many images are asked for or on
+``batch_size`` (up to float round-off of batched kernels). The same seed gives the same images on
+the same device and library versions; CPU and GPU results differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import yaml
+
+from .diffusion import schedules
+from .diffusion.denoiser import PARAMETERIZATIONS, Denoiser, Parameterization
+from .diffusion.guidance import GuidedDenoiser
+from .diffusion.rng import per_sample_generators, randn
+from .diffusion.samplers import STOCHASTIC, get_sampler
+
+CONFIG_NAME = "pipeline.yaml"
+WEIGHTS_NAME = "denoiser.safetensors"
+FORMAT = "microdiff-pipeline"
+
+
+@dataclass
+class SamplingDefaults:
+    """What ``generate`` uses when a call does not say (micro_diffusion's values by default)."""
+
+    sampler: str = "heun"
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    height: int = 256
+    width: int = 256
+    caption_mask: bool = False  # pass the text encoder's mask to the backbone (False: attend to all tokens)
+    caption_layout: str = "B1LC"  # "B1LC" (MicroDiT / micro_diffusion) or "BLC"
+
+
+def _backbone_classes() -> dict[str, type]:
+    from .models import MicroDiT, MLPBackbone, UNet
+
+    return {cls.__name__: cls for cls in (MicroDiT, UNet, MLPBackbone)}
+
+
+def parameterization_from_config(cfg: dict[str, Any]) -> Parameterization:
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    if name == "eps" and cfg.pop("discrete", False):
+        raise ValueError("pipeline.yaml: a discrete-schedule eps model needs its DDPM schedule saved; "
+                         "this version supports continuous eps, v, x0 and EDM parameterisations")
+    cfg.pop("discrete", None)
+    if name not in PARAMETERIZATIONS:
+        raise ValueError(f"pipeline.yaml: unknown parameterization {name!r}; known: {', '.join(PARAMETERIZATIONS)}")
+    return PARAMETERIZATIONS[name](**cfg)
+
+
+class Pipeline:
+    """``Pipeline(text_encoder, autoencoder, denoiser, defaults)``; see the module docstring."""
+
+    def __init__(self, text_encoder, autoencoder, denoiser: Denoiser, defaults: SamplingDefaults | None = None):
+        self.text_encoder = text_encoder
+        self.autoencoder = autoencoder
+        self.denoiser = denoiser
+        self.defaults = defaults or SamplingDefaults()
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        backbone = self.denoiser.backbone
+        state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME))
+        self.text_encoder.save(path / "text_encoder")
+        config = {
+            "format": FORMAT,
+            "version": 1,
+            "text_encoder": {"identifier": self.text_encoder.identifier, "folder": "text_encoder"},
+            "autoencoder": self._save_autoencoder(path),
+            "backbone": {"class": type(backbone).__name__, "config": _plain(backbone.config)},
+            "parameterization": _plain(self.denoiser.parameterization.config()),
+            "defaults": asdict(self.defaults),
+        }
+        (path / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def _save_autoencoder(self, path: Path) -> dict[str, Any]:
+        identifier = self.autoencoder.identifier
+        scheme, _, rest = identifier.partition(":")
+        if scheme in ("microdiff-vae", "microdiff-vqgan"):  # our own: copy it in, so the folder travels
+            target = path / "autoencoder"
+            if Path(rest).resolve() != target.resolve():
+                shutil.copytree(rest, target, dirs_exist_ok=True)
+            return {"identifier": f"{scheme}:autoencoder", "relative": True}
+        return {"identifier": identifier, "relative": False}
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "Pipeline":
+        """Load a pipeline folder, or a Hugging Face hub repo holding one (cache / offline aware)."""
+        path = _resolve_pipeline_folder(path_or_id)
+        config_path = path / CONFIG_NAME
+        config = yaml.safe_load(config_path.read_text())
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: not a microdiff pipeline config (no 'format: {FORMAT}')")
+        from safetensors.torch import load_file
+
+        from .encoders.image import load_autoencoder
+        from .encoders.text import load_text_encoder
+
+        text_cfg = config["text_encoder"]
+        folder = path / text_cfg.get("folder", "text_encoder")
+        text_encoder = load_text_encoder(folder if folder.is_dir() else text_cfg["identifier"], device=device)
+        ae_cfg = config["autoencoder"]
+        ae_id = ae_cfg["identifier"]
+        if ae_cfg.get("relative"):
+            scheme, _, rest = ae_id.partition(":")
+            ae_id = f"{scheme}:{(path / rest).resolve()}"
+        autoencoder = load_autoencoder(ae_id, device=device)
+        classes = _backbone_classes()
+        name = config["backbone"]["class"]
+        if name not in classes:
+            raise ValueError(f"{config_path}: unknown backbone class {name!r}; known: {', '.join(classes)}")
+        backbone = classes[name](**config["backbone"]["config"])
+        backbone.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+        backbone = backbone.to(device=device, dtype=dtype).eval()
+        denoiser = Denoiser(backbone, parameterization_from_config(config["parameterization"]))
+        return cls(text_encoder, autoencoder, denoiser, SamplingDefaults(**config.get("defaults", {})))
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.backbone.parameters()).device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Backbone keyword arguments for a list of prompts (``y`` and, if enabled, ``y_mask``)."""
+        enc = self.text_encoder.encode(list(prompts))
+        states = enc.states.to(self.device, torch.float32)
+        cond = {"y": states[:, None] if self.defaults.caption_layout == "B1LC" else states}
+        if self.defaults.caption_mask:
+            cond["y_mask"] = enc.mask.to(self.device)
+        return cond
+
+    def _null_condition(self, cond: dict[str, torch.Tensor], negative: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        if negative is not None:
+            return self.encode_prompts(negative)
+        null = {"y": torch.zeros_like(cond["y"])}  # micro_diffusion's unconditional: zero caption states
+        if "y_mask" in cond:
+            null["y_mask"] = torch.zeros_like(cond["y_mask"])
+        return null
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.autoencoder.downsample
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of the autoencoder's downsampling {f}; "
+                             f"got {height}x{width}")
+        return self.autoencoder.latent_channels, height // f, width // f
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 sampler: str | None = None, seed: int = 42, height: int | None = None, width: int | None = None,
+                 eta: float | None = None, callback: Callable[[dict], None] | None = None,
+                 batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1], one per prompt; image k uses seed + k (see the module docstring)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        negatives = _match_negatives(negative_prompt, len(prompts))
+        d = self.defaults
+        steps = num_inference_steps or d.num_inference_steps
+        scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        name = sampler or d.sampler
+        sample = get_sampler(name)
+        options = {} if eta is None else {"eta": float(eta)}
+        shape = self.latent_shape(height or d.height, width or d.width)
+        sigmas = schedules.karras(steps, d.sigma_min, d.sigma_max, d.rho, device=self.device, dtype=torch.float64)
+        generators = per_sample_generators(seed, len(prompts))
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            stop = min(start + batch_size, len(prompts))
+            gens = generators[start:stop]
+            cond = self.encode_prompts(prompts[start:stop])
+            uncond = self._null_condition(cond, None if negatives is None else negatives[start:stop])
+            guided = GuidedDenoiser(self.denoiser, [cond], uncond, scale=scale)
+            x = randn((stop - start, *shape), gens, device=self.device, dtype=torch.float64) * sigmas[0]
+            if name in STOCHASTIC or options.get("eta"):
+                options["generator"] = gens
+            latents = sample(guided, x, sigmas, callback=callback, disable=not progress, **options)
+            decoded = self.autoencoder.decode(latents.float())
+            images.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
+        return torch.cat(images)
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list:
+        """(B, 3, H, W) in [0, 1] -> PIL images."""
+        from PIL import Image
+
+        arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arrays]
+
+
+def _match_negatives(negative: str | Sequence[str] | None, n: int) -> list[str] | None:
+    if negative is None:
+        return None
+    negatives = [negative] * n if isinstance(negative, str) else list(negative)
+    if len(negatives) != n:
+        raise ValueError(f"negative_prompt: give one string or one per prompt ({n}), got {len(negatives)}")
+    return negatives
+
+
+def _resolve_pipeline_folder(path_or_id: str | Path) -> Path:
+    path = Path(path_or_id)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a pipeline folder (written by "
+                                    "Pipeline.save_pretrained or `microdiff convert`)?")
+        return path
+    if path.exists() or str(path_or_id).startswith((".", "/")) or str(path_or_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id}: no such pipeline folder (a folder with {CONFIG_NAME}, "
+                                "or a Hugging Face repo id like owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as err:  # noqa: BLE001 - offline / missing repo: one line that says what to do
+        raise OSError(f"{path_or_id}: cannot fetch this pipeline from the Hugging Face hub and it is not in the "
+                      f"local cache ({type(err).__name__}); with HF_HUB_OFFLINE set or no internet, pass a "
+                      "local pipeline folder") from None
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe copy: tuples -> lists, numpy / torch scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return json.loads(json.dumps(value)) if not isinstance(value, (int, float, str, bool, type(None))) else value
+
+
+__all__ = ["Pipeline", "SamplingDefaults", "parameterization_from_config", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -1,0 +1,124 @@
+"""The Pipeline end to end on tiny parts built here: save/load, determinism per image, batch-size
+independence, negative prompts, and the errors a new user meets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import microdiff
+from microdiff.diffusion import EDM, Denoiser
+from microdiff.encoders.base import IdentityAutoencoder
+from microdiff.encoders.text import BuiltinTextEncoder
+from microdiff.models import MicroDiT_Nano_2
+from microdiff.pipeline import Pipeline, SamplingDefaults
+
+PROMPTS = ["a red circle", "a small blue square at the top", "green triangle", "a purple circle"]
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    # A fresh MicroDiT outputs F = 0 (zero-initialised output layers), which would make every test
+    # below pass trivially; small random weights everywhere make the outputs depend on everything.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    text = BuiltinTextEncoder(dim=32, layers=1, heads=2, max_length=32)
+    backbone = MicroDiT_Nano_2(in_channels=3, caption_channels=32, input_size=8)
+    _perturb(backbone)
+    defaults = SamplingDefaults(num_inference_steps=6, height=8, width=8, guidance_scale=3.0)
+    return Pipeline(text, IdentityAutoencoder(3), Denoiser(backbone.eval(), EDM(0.5)), defaults)
+
+
+def test_generate_shape_range_and_determinism(pipe):
+    images = pipe.generate(PROMPTS[:2], seed=7)
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, pipe.generate(PROMPTS[:2], seed=7))
+    assert not torch.allclose(images, pipe.generate(PROMPTS[:2], seed=8))
+
+
+def test_image_k_depends_on_seed_plus_k_only(pipe):
+    """Image k of a call equals image 0 of a call with seed + k, whatever the batch size."""
+    all4 = pipe.generate(PROMPTS, seed=3, batch_size=4)
+    one_by_one = torch.cat([pipe.generate([p], seed=3 + k) for k, p in enumerate(PROMPTS)])
+    by_two = pipe.generate(PROMPTS, seed=3, batch_size=2)
+    torch.testing.assert_close(all4, one_by_one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(all4, by_two, atol=1e-5, rtol=0)
+
+
+def test_save_and_from_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    config = yaml.safe_load((tmp_path / "pipe" / "pipeline.yaml").read_text())
+    assert config["backbone"]["class"] == "MicroDiT" and config["parameterization"] == {"name": "edm", "sigma_data": 0.5}
+    loaded = microdiff.Pipeline.from_pretrained(tmp_path / "pipe")
+    torch.testing.assert_close(loaded.generate(PROMPTS[:2], seed=1), pipe.generate(PROMPTS[:2], seed=1),
+                               atol=0, rtol=0)
+
+
+def test_guidance_and_negative_prompt_change_the_output(pipe):
+    base = pipe.generate(PROMPTS[:1], seed=0, guidance_scale=1.0)
+    guided = pipe.generate(PROMPTS[:1], seed=0, guidance_scale=4.0)
+    negative = pipe.generate(PROMPTS[:1], seed=0, guidance_scale=4.0, negative_prompt="a blue square")
+    assert (guided - base).abs().max() > 1e-3
+    assert (negative - guided).abs().max() > 1e-3
+
+
+def test_stochastic_sampler_is_reproducible(pipe):
+    a = pipe.generate(PROMPTS[:2], seed=5, sampler="ddim", eta=1.0)
+    b = pipe.generate(PROMPTS[:2], seed=5, sampler="ddim", eta=1.0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, pipe.generate(PROMPTS[:2], seed=5, sampler="ddim", eta=0.0))
+
+
+def test_to_pil(pipe):
+    pil = Pipeline.to_pil(pipe.generate(PROMPTS[:1], seed=0))
+    assert pil[0].size == (8, 8) and pil[0].mode == "RGB"
+
+
+def test_clear_errors(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pipeline.yaml"):
+        Pipeline.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such pipeline folder"):
+        Pipeline.from_pretrained(tmp_path / "missing" / "dir")
+    with pytest.raises(OSError, match="not in the local cache.*local pipeline folder"):
+        Pipeline.from_pretrained("microdiff-tests/no-such-pipeline")
+    with pytest.raises(ValueError, match="one string or one per prompt"):
+        pipe.generate(PROMPTS[:2], negative_prompt=["x", "y", "z"])
+    with pytest.raises(ValueError, match="multiples of the autoencoder's downsampling"):
+        Pipeline(pipe.text_encoder, type("AE", (), {"downsample": 8, "latent_channels": 4})(),
+                 pipe.denoiser).latent_shape(60, 64)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pipeline.yaml").write_text("format: something-else\n")
+    with pytest.raises(ValueError, match="not a microdiff pipeline config"):
+        Pipeline.from_pretrained(tmp_path / "bad")
+
+
+def test_pipeline_with_our_own_autoencoder_travels_as_one_folder(pipe, tmp_path):
+    """A microdiff-vae autoencoder is copied into the pipeline folder, so moving the folder keeps it working."""
+    from microdiff.encoders.autoencoder_io import load_trained_autoencoder, save_autoencoder
+    from microdiff.encoders.vae import KLAutoencoder
+
+    torch.manual_seed(1)
+    save_autoencoder(KLAutoencoder(channels=8, channel_mult=(1, 2), latent_channels=4, norm_groups=4).eval(),
+                     tmp_path / "vae")
+    vae = load_trained_autoencoder(tmp_path / "vae")
+    backbone = MicroDiT_Nano_2(in_channels=4, caption_channels=32, input_size=8)
+    _perturb(backbone, seed=2)
+    latent_pipe = Pipeline(pipe.text_encoder, vae, Denoiser(backbone.eval(), EDM(0.5)),
+                           SamplingDefaults(num_inference_steps=4, height=16, width=16))
+    images = latent_pipe.generate(PROMPTS[:2], seed=0)
+    assert images.shape == (2, 3, 16, 16)
+    latent_pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe").rename(tmp_path / "moved")
+    import shutil
+
+    shutil.rmtree(tmp_path / "vae")
+    loaded = Pipeline.from_pretrained(tmp_path / "moved")
+    torch.testing.assert_close(loaded.generate(PROMPTS[:2], seed=0), images, atol=0, rtol=0)
