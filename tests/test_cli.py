@@ -30,9 +30,9 @@ def test_every_subcommand_has_help(name):
 
 
 def test_planned_subcommands_say_so_in_one_line():
-    out = _run("sample")
+    out = _run("train")
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "issue #5" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "issue #6" in out.stderr
 
 
 def test_demo_runs_end_to_end(tmp_path):

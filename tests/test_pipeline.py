@@ -122,3 +122,13 @@ def test_pipeline_with_our_own_autoencoder_travels_as_one_folder(pipe, tmp_path)
     shutil.rmtree(tmp_path / "vae")
     loaded = Pipeline.from_pretrained(tmp_path / "moved")
     torch.testing.assert_close(loaded.generate(PROMPTS[:2], seed=0), images, atol=0, rtol=0)
+
+
+def test_weighted_prompts(pipe):
+    """One prompt of weight 1 is plain CFG (same images); adding a second, negatively weighted
+    prompt changes them (the combination itself is tested in test_guidance.py)."""
+    plain = pipe.generate([PROMPTS[0]] * 2, seed=4, guidance_scale=3.0)
+    weighted = pipe.generate_weighted([(PROMPTS[0], 1.0)], num_images=2, seed=4, guidance_scale=3.0)
+    torch.testing.assert_close(weighted, plain, atol=1e-6, rtol=0)
+    mixed = pipe.generate_weighted([(PROMPTS[0], 1.0), (PROMPTS[1], -0.5)], num_images=2, seed=4, guidance_scale=3.0)
+    assert (mixed - plain).abs().max() > 1e-3

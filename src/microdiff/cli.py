@@ -9,7 +9,6 @@ import importlib
 
 PLANNED = {
     "train": ("train a text-to-image diffusion model from a YAML config", 6),
-    "sample": ("generate images from a checkpoint with weighted prompts", 5),
     "eval": ("FID/FD, CLIP score, prompt suites and memorisation checks", 8),
 }
 
@@ -36,6 +35,9 @@ DATA_COMMANDS = {
                 ["microdiff data inspect data/shapes", "microdiff data inspect shards/ --json report.json"]),
 }
 TOP_COMMANDS = {
+    "sample": ("microdiff.sample", "generate images from a pipeline folder with weighted prompts",
+               ['microdiff sample "a red circle:1" "blurry:-0.3" --checkpoint runs/shapes/pipeline -n 16 --grid',
+                'microdiff sample "a small blue square" --checkpoint DIR --sampler ddim --eta 1 --steps 50 --seed 3']),
     "train-autoencoder": ("microdiff.encoders.train_autoencoder", "train a KL-VAE or VQGAN on your images "
                           "(L1 + optional perceptual + PatchGAN losses), then train latent diffusion on it",
                           ["microdiff train-autoencoder --data shapes:2000 --out runs/vae --kind vae "

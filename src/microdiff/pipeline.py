@@ -189,26 +189,57 @@ class Pipeline:
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         negatives = _match_negatives(negative_prompt, len(prompts))
-        d = self.defaults
-        steps = num_inference_steps or d.num_inference_steps
-        scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        name = sampler or d.sampler
-        sample = get_sampler(name)
-        options = {} if eta is None else {"eta": float(eta)}
-        shape = self.latent_shape(height or d.height, width or d.width)
-        sigmas = schedules.karras(steps, d.sigma_min, d.sigma_max, d.rho, device=self.device, dtype=torch.float64)
-        generators = per_sample_generators(seed, len(prompts))
-        images = []
-        for start in range(0, len(prompts), batch_size):
-            stop = min(start + batch_size, len(prompts))
-            gens = generators[start:stop]
+        scale = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+
+        def guided(start: int, stop: int) -> GuidedDenoiser:
             cond = self.encode_prompts(prompts[start:stop])
             uncond = self._null_condition(cond, None if negatives is None else negatives[start:stop])
-            guided = GuidedDenoiser(self.denoiser, [cond], uncond, scale=scale)
-            x = randn((stop - start, *shape), gens, device=self.device, dtype=torch.float64) * sigmas[0]
+            return GuidedDenoiser(self.denoiser, [cond], uncond, scale=scale)
+
+        return self._sample(len(prompts), guided, seed, num_inference_steps, sampler, eta, height, width,
+                            callback, batch_size, progress)
+
+    @torch.inference_mode()
+    def generate_weighted(self, prompts: Sequence[tuple[str, float]], num_images: int = 1,
+                          negative_prompt: str | None = None, num_inference_steps: int | None = None,
+                          guidance_scale: float | None = None, sampler: str | None = None, seed: int = 42,
+                          height: int | None = None, width: int | None = None, eta: float | None = None,
+                          callback: Callable[[dict], None] | None = None, batch_size: int = 8,
+                          progress: bool = False) -> torch.Tensor:
+        """``num_images`` images of one weighted prompt mix, D_null + scale * sum_i w_i (D_i - D_null)
+        (negative weights push away), all branches in one batched forward; image k uses seed + k."""
+        if not prompts:
+            raise ValueError("generate_weighted needs at least one (prompt, weight) pair")
+        texts, weights = [t for t, _ in prompts], [float(w) for _, w in prompts]
+        scale = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+
+        def guided(start: int, stop: int) -> GuidedDenoiser:
+            conds = [self.encode_prompts([t] * (stop - start)) for t in texts]
+            uncond = self._null_condition(conds[0], None if negative_prompt is None else [negative_prompt] * (stop - start))
+            return GuidedDenoiser(self.denoiser, conds, uncond, scale=scale, weights=weights)
+
+        return self._sample(num_images, guided, seed, num_inference_steps, sampler, eta, height, width,
+                            callback, batch_size, progress)
+
+    def _sample(self, n: int, make_guided: Callable[[int, int], GuidedDenoiser], seed: int, steps: int | None,
+                sampler: str | None, eta: float | None, height: int | None, width: int | None,
+                callback, batch_size: int, progress: bool) -> torch.Tensor:
+        d = self.defaults
+        steps = steps or d.num_inference_steps
+        name = sampler or d.sampler
+        sample = get_sampler(name)
+        shape = self.latent_shape(height or d.height, width or d.width)
+        sigmas = schedules.karras(steps, d.sigma_min, d.sigma_max, d.rho, device=self.device, dtype=torch.float64)
+        generators = per_sample_generators(seed, n)
+        images = []
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            gens = generators[start:stop]
+            options: dict[str, Any] = {} if eta is None else {"eta": float(eta)}
             if name in STOCHASTIC or options.get("eta"):
                 options["generator"] = gens
-            latents = sample(guided, x, sigmas, callback=callback, disable=not progress, **options)
+            x = randn((stop - start, *shape), gens, device=self.device, dtype=torch.float64) * sigmas[0]
+            latents = sample(make_guided(start, stop), x, sigmas, callback=callback, disable=not progress, **options)
             decoded = self.autoencoder.decode(latents.float())
             images.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(images)
