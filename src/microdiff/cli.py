@@ -35,6 +35,9 @@ DATA_COMMANDS = {
                 ["microdiff data inspect data/shapes", "microdiff data inspect shards/ --json report.json"]),
 }
 TOP_COMMANDS = {
+    "convert": ("microdiff.convert", "turn a published checkpoint (micro_diffusion / Ambient-o DiT) into a "
+                "pipeline folder that sample and Pipeline.from_pretrained use",
+                ["microdiff convert micro-diffusion --dit ambient_o.safetensors --out pipelines/ambient-o"]),
     "sample": ("microdiff.sample", "generate images from a pipeline folder with weighted prompts",
                ['microdiff sample "a red circle:1" "blurry:-0.3" --checkpoint runs/shapes/pipeline -n 16 --grid',
                 'microdiff sample "a small blue square" --checkpoint DIR --sampler ddim --eta 1 --steps 50 --seed 3']),

@@ -1,0 +1,148 @@
+"""``microdiff convert micro-diffusion``: a micro_diffusion / Ambient-o DiT checkpoint -> a pipeline folder.
+
+    microdiff convert micro-diffusion --dit ambient_o.safetensors --out pipelines/ambient-o \\
+        [--vae diffusers-kl:stabilityai/stable-diffusion-xl-base-1.0?subfolder=vae] \\
+        [--text-encoder openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378]
+
+The DiT's architecture is read from the checkpoint itself: its tensors' shapes give the latent
+size, channels, caption width and block counts, and the preset whose layout matches them exactly
+is chosen (or pass ``--preset``). Bare state dicts (as published on the hub) and composer
+checkpoints (``state/model`` with ``dit.``) are accepted. The pipeline gets micro_diffusion's
+sampling settings: EDM with sigma_data 0.9, Heun, 30 steps, rho 7, sigma 0.002..80, guidance 5,
+zero caption states as the unconditional input and attention to all 77 caption tokens. Encoders are
+written as identifiers (nothing is downloaded here); they load when the pipeline is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .pipeline import CONFIG_NAME, FORMAT, WEIGHTS_NAME, SamplingDefaults
+
+DEFAULT_VAE = "diffusers-kl:stabilityai/stable-diffusion-xl-base-1.0?subfolder=vae"
+DEFAULT_TEXT_ENCODER = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
+BASE_LATENT = 32  # micro_diffusion's positions are laid out for 256 px = latent 32 (pos_interp_scale 1)
+
+
+def infer_microdit_config(state: dict[str, torch.Tensor], preset: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(preset name, MicroDiT kwargs) whose parameters have exactly the shapes of ``state``."""
+    from .models.dit import DIT_PRESETS, MicroDiT
+
+    try:
+        dim, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        caption_channels = state["y_embedder.y_proj.fc1.weight"].shape[1]
+    except KeyError as err:
+        raise ValueError(f"not a micro_diffusion DiT state dict: no {err.args[0]!r}; pass the DiT's weights "
+                         "(a composer checkpoint is unwrapped automatically)") from None
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"pos_embed has {tokens} positions, not a square grid; non-square checkpoints need --preset "
+                         "and a config")
+    size = grid * patch
+    overrides = {"input_size": size, "in_channels": in_channels, "caption_channels": caption_channels,
+                 "pos_interp_scale": size / BASE_LATENT if size >= BASE_LATENT else 1.0}
+    want = {k: tuple(v.shape) for k, v in state.items()}
+    names = [preset] if preset else list(DIT_PRESETS)
+    for name in names:
+        if name not in DIT_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(DIT_PRESETS)}")
+        with torch.device("meta"):
+            model = DIT_PRESETS[name](**overrides)
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == want:
+            config = dict(model.config)
+            config["pos_interp_scale"] = _pos_interp_scale(state["pos_embed"], model, config)
+            return name, config
+    raise ValueError(f"no preset has this checkpoint's layout (dim {dim}, "
+                     f"{len({k.split('.')[1] for k in want if k.startswith('blocks.')})} blocks, latent {size}, "
+                     f"captions {caption_channels}); pass --preset NAME, or build MicroDiT(**config) yourself")
+
+
+def _pos_interp_scale(table: torch.Tensor, model, config: dict[str, Any]) -> float:
+    """The scale whose sin-cos table equals the checkpoint's (its table is authoritative)."""
+    if table.is_meta:
+        return config["pos_interp_scale"]
+    from .models.layers import sincos_pos_embed_2d
+
+    for scale in sorted({config["pos_interp_scale"], 1.0, 2.0, 4.0, 0.5}):
+        ours = sincos_pos_embed_2d(table.shape[-1], model.grid, scale)
+        if torch.allclose(ours, table[0].float().cpu(), atol=1e-5):
+            return scale
+    return config["pos_interp_scale"]
+
+
+def _check_identifiers(vae: str, text_encoder: str) -> None:
+    from .encoders.image import SCHEMES as AE_SCHEMES
+    from .encoders.text import ALIASES, SCHEMES as TEXT_SCHEMES
+
+    if vae.partition(":")[0] not in AE_SCHEMES:
+        raise ValueError(f"--vae {vae!r}: unknown autoencoder scheme; use one of {', '.join(AE_SCHEMES)}")
+    text = ALIASES.get(text_encoder, text_encoder)
+    if text.partition(":")[0] not in TEXT_SCHEMES:
+        raise ValueError(f"--text-encoder {text_encoder!r}: unknown scheme; use one of {', '.join(TEXT_SCHEMES)}")
+
+
+def convert_micro_diffusion(dit: str | Path, out: str | Path, vae: str = DEFAULT_VAE,
+                            text_encoder: str = DEFAULT_TEXT_ENCODER, preset: str | None = None) -> Path:
+    """Write a pipeline folder for a micro_diffusion DiT checkpoint; returns the folder."""
+    from safetensors.torch import save_file
+
+    from .models.dit import extract_state_dict, load_checkpoint_file
+
+    dit = Path(dit)
+    if not dit.is_file():
+        raise FileNotFoundError(f"--dit {dit}: no such file (a .safetensors / .pt DiT checkpoint)")
+    _check_identifiers(vae, text_encoder)
+    state = extract_state_dict(load_checkpoint_file(str(dit)))
+    name, config = infer_microdit_config(state, preset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS_NAME))
+    size = config["input_size"] * 8 if re.match(r"diffusers-(kl|tiny):", vae) else config["input_size"]
+    defaults = SamplingDefaults(sampler="heun", num_inference_steps=30, guidance_scale=5.0, sigma_min=0.002,
+                                sigma_max=80.0, rho=7.0, height=size, width=size, caption_mask=False,
+                                caption_layout="B1LC")
+    pipeline = {
+        "format": FORMAT, "version": 1,
+        "text_encoder": {"identifier": text_encoder},
+        "autoencoder": {"identifier": vae, "relative": False},
+        "backbone": {"class": "MicroDiT", "config": config, "preset": name},
+        "parameterization": {"name": "edm", "sigma_data": 0.9},
+        "defaults": defaults.__dict__,
+        "converted_from": {"kind": "micro-diffusion", "file": str(dit.resolve())},
+    }
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    md = sub.add_parser("micro-diffusion", help="a micro_diffusion / Ambient-o MicroDiT checkpoint",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    md.add_argument("--dit", required=True, help="DiT weights: .safetensors or .pt (bare state dict or composer)")
+    md.add_argument("--out", required=True, help="pipeline folder to write")
+    md.add_argument("--vae", default=DEFAULT_VAE, help=f"autoencoder identifier (default: {DEFAULT_VAE})")
+    md.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
+                    help=f"text encoder identifier (default: {DEFAULT_TEXT_ENCODER})")
+    md.add_argument("--preset", default=None, help="MicroDiT preset (default: the one matching the checkpoint)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = convert_micro_diffusion(args.dit, args.out, args.vae, args.text_encoder, args.preset)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"microdiff convert: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({CONFIG_NAME} + {WEIGHTS_NAME}); try: microdiff sample \"a photo of a cat\" --checkpoint {out}")
+    return 0
+
+
+__all__ = ["infer_microdit_config", "convert_micro_diffusion", "add_arguments", "run"]
