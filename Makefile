@@ -22,6 +22,8 @@ test: setup
 bench: setup
 	$(PY) benchmarks/samplers.py
 	$(PY) benchmarks/models.py
+	$(PY) benchmarks/data.py
+	$(PY) benchmarks/sampling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -78,3 +78,38 @@ def test_sample_errors_are_one_line(tmp_path):
     (tmp_path / "other" / "pipeline.yaml").write_text("format: not-ours\n")
     r = _sample("a red circle", "--checkpoint", str(tmp_path / "other"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "not a microdiff pipeline config" in r.stderr
+
+
+def test_sample_with_clip_guidance_and_an_image_prompt(checkpoint, tmp_path):
+    """CLIP guidance end to end: a tiny random CLIP built offline (as in test_clip_guidance.py), a text
+    and an image prompt; the guided images differ from the unguided ones and the settings are logged."""
+    from transformers import CLIPConfig, CLIPModel
+
+    import test_clip_guidance as tc
+
+    folder = tmp_path / "clip"
+    tok = tc._tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=len(tok), max_position_embeddings=20,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=0),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    tc._processor().save_pretrained(folder)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+
+    common = ["a red circle", "--checkpoint", str(checkpoint), "-n", "2", "--seed", "0", "--no-progress",
+              "--device", "cpu"]
+    plain = _sample(*common, "--out", str(tmp_path / "plain"))
+    guided = _sample(*common, "--out", str(tmp_path / "guided"), "--clip-model", str(folder),
+                     "--clip-guidance-scale", "2000", "--cutn", "4", "--images", f"{tmp_path / 'red.png'}:0.5")
+    assert plain.returncode == 0 and guided.returncode == 0, guided.stderr
+    a = np.asarray(Image.open(tmp_path / "plain" / "00000.png"), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "guided" / "00000.png"), dtype=int)
+    assert np.abs(a - b).max() > 0
+    info = Image.open(tmp_path / "guided" / "00000.png").text
+    assert info["microdiff:clip_model"] == str(folder) and info["microdiff:clip_guidance_scale"] == "2000.0"
+    bad = _sample(*common, "--out", str(tmp_path / "bad"), "--images", "red.png")
+    assert bad.returncode == 2 and "--images needs --clip-model" in bad.stderr

@@ -57,6 +57,27 @@ class SamplingDefaults:
     caption_layout: str = "B1LC"  # "B1LC" (MicroDiT / micro_diffusion) or "BLC"
 
 
+@dataclass
+class ClipOptions:
+    """CLIP guidance (v-diffusion): the gradient of a CLIP loss between the decoded x0 estimate and
+    the prompts (and ``images``, (path or PIL, weight) pairs) steers sampling; see clip_guidance.py.
+    Each step backpropagates through the guided denoiser, so use a smaller batch_size."""
+
+    model: Any  # a clip_guidance.ClipEmbedder (load_clip)
+    scale: float = 500.0
+    images: Sequence[tuple[Any, float]] = ()
+    cutn: int = 16
+    cut_pow: float = 1.0
+    grad_clip: float | None = None
+
+    def image_targets(self) -> list:
+        if not self.images:
+            return []
+        from .clip_guidance import image_targets
+
+        return image_targets(self.model, list(self.images))
+
+
 def _backbone_classes() -> dict[str, type]:
     from .models import MicroDiT, MLPBackbone, UNet
 
@@ -183,8 +204,9 @@ class Pipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None, seed: int = 42, height: int | None = None, width: int | None = None,
                  eta: float | None = None, callback: Callable[[dict], None] | None = None,
-                 batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1], one per prompt; image k uses seed + k (see the module docstring)."""
+                 batch_size: int = 8, progress: bool = False, clip: ClipOptions | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1], one per prompt; image k uses seed + k (see the module docstring).
+        ``clip``: CLIP guidance towards each image's own prompt (plus ``clip.images``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("generate needs at least one prompt")
@@ -196,8 +218,13 @@ class Pipeline:
             uncond = self._null_condition(cond, None if negatives is None else negatives[start:stop])
             return GuidedDenoiser(self.denoiser, [cond], uncond, scale=scale)
 
+        targets = None
+        if clip is not None:
+            own = clip.model.embed_text(prompts)
+            extra = clip.image_targets()
+            targets = lambda start, stop: [(own[start:stop], 1.0), *extra]  # noqa: E731
         return self._sample(len(prompts), guided, seed, num_inference_steps, sampler, eta, height, width,
-                            callback, batch_size, progress)
+                            callback, batch_size, progress, clip, targets)
 
     @torch.inference_mode()
     def generate_weighted(self, prompts: Sequence[tuple[str, float]], num_images: int = 1,
@@ -205,7 +232,7 @@ class Pipeline:
                           guidance_scale: float | None = None, sampler: str | None = None, seed: int = 42,
                           height: int | None = None, width: int | None = None, eta: float | None = None,
                           callback: Callable[[dict], None] | None = None, batch_size: int = 8,
-                          progress: bool = False) -> torch.Tensor:
+                          progress: bool = False, clip: ClipOptions | None = None) -> torch.Tensor:
         """``num_images`` images of one weighted prompt mix, D_null + scale * sum_i w_i (D_i - D_null)
         (negative weights push away), all branches in one batched forward; image k uses seed + k."""
         if not prompts:
@@ -218,12 +245,19 @@ class Pipeline:
             uncond = self._null_condition(conds[0], None if negative_prompt is None else [negative_prompt] * (stop - start))
             return GuidedDenoiser(self.denoiser, conds, uncond, scale=scale, weights=weights)
 
+        targets = None
+        if clip is not None:
+            from .clip_guidance import text_targets
+
+            fixed = [*text_targets(clip.model, list(prompts)), *clip.image_targets()]
+            targets = lambda start, stop: fixed  # noqa: E731
         return self._sample(num_images, guided, seed, num_inference_steps, sampler, eta, height, width,
-                            callback, batch_size, progress)
+                            callback, batch_size, progress, clip, targets)
 
     def _sample(self, n: int, make_guided: Callable[[int, int], GuidedDenoiser], seed: int, steps: int | None,
                 sampler: str | None, eta: float | None, height: int | None, width: int | None,
-                callback, batch_size: int, progress: bool) -> torch.Tensor:
+                callback, batch_size: int, progress: bool, clip: ClipOptions | None = None,
+                targets: Callable[[int, int], list] | None = None) -> torch.Tensor:
         d = self.defaults
         steps = steps or d.num_inference_steps
         name = sampler or d.sampler
@@ -239,7 +273,15 @@ class Pipeline:
             if name in STOCHASTIC or options.get("eta"):
                 options["generator"] = gens
             x = randn((stop - start, *shape), gens, device=self.device, dtype=torch.float64) * sigmas[0]
-            latents = sample(make_guided(start, stop), x, sigmas, callback=callback, disable=not progress, **options)
+            guided = make_guided(start, stop)
+            if clip is not None and clip.scale:
+                from .clip_guidance import ClipGuidedDenoiser, differentiable_decode
+
+                guided = ClipGuidedDenoiser(guided, differentiable_decode(self.autoencoder), clip.model,
+                                            targets(start, stop), scale=clip.scale, cutn=clip.cutn,
+                                            cut_pow=clip.cut_pow, grad_clip=clip.grad_clip,
+                                            generator=per_sample_generators(seed + start, stop - start))
+            latents = sample(guided, x, sigmas, callback=callback, disable=not progress, **options)
             decoded = self.autoencoder.decode(latents.float())
             images.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(images)
@@ -293,4 +335,4 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value)) if not isinstance(value, (int, float, str, bool, type(None))) else value
 
 
-__all__ = ["Pipeline", "SamplingDefaults", "parameterization_from_config", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["Pipeline", "SamplingDefaults", "ClipOptions", "parameterization_from_config", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -17,18 +17,11 @@ import math
 import sys
 from pathlib import Path
 
-PNG_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta", "checkpoint")
+from .clip_guidance import add_arguments as add_clip_arguments
+from .clip_guidance import parse_weighted as parse_prompt  # "text:weight" -> (text, weight), one rule for both
 
-
-def parse_prompt(text: str) -> tuple[str, float]:
-    """``"a red circle:1.5"`` -> ("a red circle", 1.5); a text without a numeric suffix has weight 1."""
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+PNG_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta", "checkpoint", "clip_model",
+            "clip_guidance_scale", "images")
 
 
 def pick_device(name: str) -> str:
@@ -73,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="samples", help="output folder (default: samples)")
     parser.add_argument("--grid", action="store_true", help="also write grid.png")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_clip_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,12 +83,31 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"microdiff sample: {err}", file=sys.stderr)
         return 2
+    clip = None
+    if args.images and not args.clip_model:
+        print("microdiff sample: --images needs --clip-model (image prompts steer through CLIP guidance)",
+              file=sys.stderr)
+        return 2
+    if args.clip_model:
+        from .clip_guidance import load_clip
+        from .pipeline import ClipOptions
+
+        try:
+            model = load_clip(args.clip_model, device=device)
+            images = [parse_prompt(p) for p in args.images]
+            clip = ClipOptions(model, args.clip_guidance_scale, images, args.cutn, args.cut_pow)
+            clip.image_targets()  # read the image prompts now: a bad path fails before sampling
+        except (FileNotFoundError, OSError, ValueError) as err:
+            print(f"microdiff sample: {err}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = {"height": args.size, "width": args.size} if args.size else {}
     settings = {"sampler": args.sampler or pipe.defaults.sampler, "steps": args.steps or pipe.defaults.num_inference_steps,
                 "cfg": pipe.defaults.guidance_scale if args.cfg is None else args.cfg, "eta": args.eta,
-                "checkpoint": str(args.checkpoint)}
+                "checkpoint": str(args.checkpoint), "clip_model": args.clip_model,
+                "clip_guidance_scale": args.clip_guidance_scale if args.clip_model else None,
+                "images": " | ".join(args.images) or None}
     prompt_text = " | ".join(f"{t}:{w:g}" for t, w in prompts)
     images = []
     bar = tqdm(total=args.num_images, unit="img", disable=args.no_progress, desc="sample")
@@ -104,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             batch = pipe.generate_weighted(prompts, num_images=n, negative_prompt=args.negative_prompt,
                                            num_inference_steps=settings["steps"], guidance_scale=settings["cfg"],
                                            sampler=settings["sampler"], seed=args.seed + start, eta=args.eta,
-                                           batch_size=args.batch_size, **size)
+                                           batch_size=args.batch_size, clip=clip, **size)
             images += Pipeline.to_pil(batch)
             bar.update(n)
     except torch.cuda.OutOfMemoryError:
