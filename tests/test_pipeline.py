@@ -132,3 +132,12 @@ def test_weighted_prompts(pipe):
     torch.testing.assert_close(weighted, plain, atol=1e-6, rtol=0)
     mixed = pipe.generate_weighted([(PROMPTS[0], 1.0), (PROMPTS[1], -0.5)], num_images=2, seed=4, guidance_scale=3.0)
     assert (mixed - plain).abs().max() > 1e-3
+
+
+def test_bfloat16_backbone_generates_close_images(pipe, tmp_path):
+    """Weights in bf16 (what `sample --dtype auto` picks on a GPU): same images to bf16 precision."""
+    pipe.save_pretrained(tmp_path / "pipe")
+    half = Pipeline.from_pretrained(tmp_path / "pipe", dtype=torch.bfloat16)
+    assert next(half.denoiser.backbone.parameters()).dtype == torch.bfloat16
+    a, b = pipe.generate(PROMPTS[:2], seed=0), half.generate(PROMPTS[:2], seed=0)
+    assert (a - b).abs().mean() < 0.05

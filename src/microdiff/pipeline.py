@@ -170,6 +170,11 @@ class Pipeline:
         denoiser = Denoiser(backbone, parameterization_from_config(config["parameterization"]))
         return cls(text_encoder, autoencoder, denoiser, SamplingDefaults(**config.get("defaults", {})))
 
+    def compile(self, **options: Any) -> "Pipeline":
+        """``torch.compile`` the backbone (pays off for many images at one size)."""
+        self.denoiser.backbone = torch.compile(self.denoiser.backbone, **options)
+        return self
+
     # ------------------------------------------------------------------ generation
     @property
     def device(self) -> torch.device:

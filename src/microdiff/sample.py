@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default: 8)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone first")
     parser.add_argument("--out", default="samples", help="output folder (default: samples)")
     parser.add_argument("--grid", action="store_true", help="also write grid.png")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -79,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = [parse_prompt(p) for p in args.prompts]
     device = pick_device(args.device)
     try:
-        pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
+        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "float32": None,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        pipe = Pipeline.from_pretrained(args.checkpoint, device=device, dtype=dtype)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"microdiff sample: {err}", file=sys.stderr)
         return 2
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, OSError, ValueError) as err:
             print(f"microdiff sample: {err}", file=sys.stderr)
             return 2
+    if args.compile:
+        pipe.compile()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = {"height": args.size, "width": args.size} if args.size else {}
