@@ -33,7 +33,9 @@ fi
 CONSTRAINTS="$VENV/constraints.txt"
 installed=$(torch_version "$VENV/bin/python")
 if [ -n "$installed" ]; then
-    echo "torch==$installed" > "$CONSTRAINTS"
+    # Pin the public version (2.14.1 for 2.14.1+cu130): "==" still matches the installed local build,
+    # and pip can combine it with other caps such as "torch<=2.14.1", which it cannot do for "==2.14.1+cu130".
+    echo "torch==${installed%%+*}" > "$CONSTRAINTS"
     echo "setup: keeping the installed torch $installed"
 else
     : > "$CONSTRAINTS"
