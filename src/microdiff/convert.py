@@ -34,7 +34,7 @@ BASE_LATENT = 32  # micro_diffusion's positions are laid out for 256 px = latent
 
 def infer_microdit_config(state: dict[str, torch.Tensor], preset: str | None = None) -> tuple[str, dict[str, Any]]:
     """(preset name, MicroDiT kwargs) whose parameters have exactly the shapes of ``state``."""
-    from .models.dit import DIT_PRESETS, MicroDiT
+    from .models.dit import DIT_PRESETS
 
     try:
         dim, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
