@@ -9,7 +9,6 @@ write the summary as JSON plus a caption-length histogram PNG.
 
 from __future__ import annotations
 
-import csv
 import json
 import tarfile
 from collections import Counter
@@ -36,17 +35,9 @@ def iter_folder(root: Path) -> Iterator[dict[str, Any]]:
 
 
 def iter_manifest(path: Path) -> Iterator[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    elif suffix == ".csv":
-        rows = csv.DictReader(path.open(newline=""))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from .captioned import read_manifest  # the datasets' own reader: same columns, same errors
 
-        rows = iter(pq.read_table(path).to_pylist())
-    else:
-        raise ValueError(f"{path}: unknown manifest type {suffix!r}; use .jsonl, .csv or .parquet")
+    rows, _, _ = read_manifest(path)
     for row in rows:
         yield {"caption": _caption_of(row), "meta": row}
 
