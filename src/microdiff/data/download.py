@@ -56,6 +56,8 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .transforms import to_rgb  # one rule for every Pillow mode, shared with the training transform
+
 URL_COLUMNS = ("url", "URL", "image_url")
 CAPTION_COLUMNS = ("caption", "text", "TEXT")
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
@@ -431,7 +433,7 @@ def process_image(data: bytes, settings: ImageSettings = ImageSettings()) -> tup
         raise DownloadError("corrupt image", f"{type(e).__name__}: {e}") from None
     info: dict[str, Any] = {"original_width": image.width, "original_height": image.height,
                             "original_format": original_format}
-    image = _to_rgb(image)
+    image = to_rgb(image)
     if settings.resolution:
         size = resize_size(image.width, image.height, settings.resolution)
         if size != image.size:
@@ -446,17 +448,6 @@ def process_image(data: bytes, settings: ImageSettings = ImageSettings()) -> tup
     image.save(buffer, pil_format, **options)
     info |= {"width": image.width, "height": image.height}
     return buffer.getvalue(), info
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparent pixels are composited on white (what a browser shows on a white page)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def download_row(row: int, url: Any, caption: str | None, meta: dict[str, Any],
