@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
 import importlib
+import sys
 
 PLANNED = {
     "train": ("train a text-to-image diffusion model from a YAML config", 6),
