@@ -5,6 +5,7 @@ run, so the file always holds the latest result of every benchmark with the mach
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import os
 import platform
@@ -41,6 +42,15 @@ def commit() -> str:
         return out + ("+local changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_csv(rows: list[dict], path) -> None:
+    """Rows as CSV with every column any row has (missing cells empty)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -5,7 +5,7 @@
    DataLoader with 0 and 2 workers -> images/s.
 3. Precompute: encode the folder into webdataset shards with an SD-shaped autoencoder (diffusers
    AutoencoderKL, downsample 8, 4 latent channels, random weights — the speed of the real SD VAE
-   needs its weights; this measures the pipeline around a light encoder) or identity, and a text
+   needs its weights; this measures the pipeline around a light encoder), and a text
    encoder (the built-in one, and MiniLM when installed) -> images/s.
 4. Shard loader: ShardStream + StreamLoader over the precomputed shards, 0 and 2 workers -> samples/s.
 
@@ -16,7 +16,6 @@ Prints a table, writes benchmarks/results/data.csv and replaces the 'data' secti
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -29,14 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import markdown_table, write_section  # noqa: E402
+from _report import markdown_table, write_csv, write_section  # noqa: E402
 
 from microdiff.data.captioned import ImageFolderDataset, collate_records  # noqa: E402
 from microdiff.data.precompute import precompute  # noqa: E402
 from microdiff.data.shapes import write_shapes_folder  # noqa: E402
 from microdiff.data.shards import ShardStream, StreamLoader  # noqa: E402
 from microdiff.data.transforms import ImageTransform  # noqa: E402
-from microdiff.encoders.base import IdentityAutoencoder  # noqa: E402
 from microdiff.encoders.text import load_text_encoder  # noqa: E402
 
 
@@ -116,14 +114,10 @@ def main(argv=None) -> None:
                              f"+ {text_id} states, {workers} workers", "items": n, "seconds": round(seconds, 2),
                              "items/s": round(n / seconds, 1)})
                 print(rows[-1], flush=True)
-        _ = IdentityAutoencoder  # the pixel-space path has no encode cost: not timed
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "data.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "data.csv")
     table = markdown_table(rows)
     print(table)
     write_section(f"data ({torch.device(args.device).type})", (

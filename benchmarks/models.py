@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import markdown_table, write_section  # noqa: E402
+from _report import markdown_table, write_csv, write_section  # noqa: E402
 
 from microdiff.models.dit import DIT_PRESETS  # noqa: E402
 from microdiff.models.moe import ExpertChoiceMoE  # noqa: E402
@@ -196,14 +195,6 @@ def bench_moe_layer(args) -> list[dict]:
         rows.append(row)
         print(row, flush=True)
     return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,6 @@ Prints a table, writes benchmarks/results/samplers.csv and samplers.png, and rep
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import markdown_table, write_section  # noqa: E402
+from _report import markdown_table, write_csv, write_section  # noqa: E402
 
 from microdiff.data.mixture import GaussianMixture, probability_flow_reference  # noqa: E402
 from microdiff.diffusion import samplers, schedules  # noqa: E402
@@ -99,10 +98,7 @@ def main(argv=None) -> int:
     print(markdown_table(rows))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    with open(out / "samplers.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "samplers.csv")
     line_plot(series, out / "samplers.png", title="sampler error vs denoiser calls (Gaussian mixture, exact D)",
               xlabel="denoiser calls", ylabel="error", logy=True, logx=True, size=(760, 480))
     if not args.quick:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import markdown_table, write_section  # noqa: E402
+from _report import markdown_table, write_csv, write_section  # noqa: E402
 
 from microdiff.diffusion import EDM, Denoiser, schedules  # noqa: E402
 from microdiff.diffusion.guidance import GuidedDenoiser  # noqa: E402
@@ -143,10 +142,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "" if not gpu else "-cuda"
-    with open(out / f"sampling{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / f"sampling{tag}.csv")
     table = markdown_table(rows)
     print(table)
     write_section(f"sampling ({torch.device(args.device).type})", (

@@ -60,11 +60,10 @@ def _processor():
                image_std=list(STD))
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def build_tiny_clip(folder):
+    """A random two-tower CLIP with its tokenizer and image processor, saved to ``folder`` (offline)."""
     from transformers import CLIPConfig, CLIPModel
 
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
     tok = _tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -78,6 +77,11 @@ def clip_dir(tmp_path_factory):
     tok.save_pretrained(folder)
     _processor().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")

@@ -83,21 +83,9 @@ def test_sample_errors_are_one_line(tmp_path):
 def test_sample_with_clip_guidance_and_an_image_prompt(checkpoint, tmp_path):
     """CLIP guidance end to end: a tiny random CLIP built offline (as in test_clip_guidance.py), a text
     and an image prompt; the guided images differ from the unguided ones and the settings are logged."""
-    from transformers import CLIPConfig, CLIPModel
+    from test_clip_guidance import build_tiny_clip
 
-    import test_clip_guidance as tc
-
-    folder = tmp_path / "clip"
-    tok = tc._tokenizer()
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=len(tok), max_position_embeddings=20,
-                                         bos_token_id=2, eos_token_id=3, pad_token_id=0),
-                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    tc._processor().save_pretrained(folder)
+    folder = build_tiny_clip(tmp_path / "clip")
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
 
     common = ["a red circle", "--checkpoint", str(checkpoint), "-n", "2", "--seed", "0", "--no-progress",

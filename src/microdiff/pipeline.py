@@ -21,7 +21,6 @@ the same device and library versions; CPU and GPU results differ in the last bit
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from .diffusion.denoiser import PARAMETERIZATIONS, Denoiser, Parameterization
 from .diffusion.guidance import GuidedDenoiser
 from .diffusion.rng import per_sample_generators, randn
 from .diffusion.samplers import STOCHASTIC, get_sampler
+from .utils.jsondata import json_data
 
 CONFIG_NAME = "pipeline.yaml"
 WEIGHTS_NAME = "denoiser.safetensors"
@@ -120,8 +120,8 @@ class Pipeline:
             "version": 1,
             "text_encoder": {"identifier": self.text_encoder.identifier, "folder": "text_encoder"},
             "autoencoder": self._save_autoencoder(path),
-            "backbone": {"class": type(backbone).__name__, "config": _plain(backbone.config)},
-            "parameterization": _plain(self.denoiser.parameterization.config()),
+            "backbone": {"class": type(backbone).__name__, "config": json_data(backbone.config, "backbone.config")},
+            "parameterization": json_data(self.denoiser.parameterization.config(), "parameterization"),
             "defaults": asdict(self.defaults),
         }
         (path / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -245,10 +245,14 @@ class Pipeline:
         texts, weights = [t for t, _ in prompts], [float(w) for _, w in prompts]
         scale = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
 
+        # every image shares the prompts: encode each once, then repeat it over a chunk
+        conds = [self.encode_prompts([t]) for t in texts]
+        uncond = self._null_condition(conds[0], None if negative_prompt is None else [negative_prompt])
+
         def guided(start: int, stop: int) -> GuidedDenoiser:
-            conds = [self.encode_prompts([t] * (stop - start)) for t in texts]
-            uncond = self._null_condition(conds[0], None if negative_prompt is None else [negative_prompt] * (stop - start))
-            return GuidedDenoiser(self.denoiser, conds, uncond, scale=scale, weights=weights)
+            n = stop - start
+            return GuidedDenoiser(self.denoiser, [_repeat(c, n) for c in conds], _repeat(uncond, n),
+                                  scale=scale, weights=weights)
 
         targets = None
         if clip is not None:
@@ -300,6 +304,11 @@ class Pipeline:
         return [Image.fromarray(a) for a in arrays]
 
 
+def _repeat(cond: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """A batch-1 condition repeated to a batch of n."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
 def _match_negatives(negative: str | Sequence[str] | None, n: int) -> list[str] | None:
     if negative is None:
         return None
@@ -327,17 +336,6 @@ def _resolve_pipeline_folder(path_or_id: str | Path) -> Path:
         raise OSError(f"{path_or_id}: cannot fetch this pipeline from the Hugging Face hub and it is not in the "
                       f"local cache ({type(err).__name__}); with HF_HUB_OFFLINE set or no internet, pass a "
                       "local pipeline folder") from None
-
-
-def _plain(value: Any) -> Any:
-    """YAML-safe copy: tuples -> lists, numpy / torch scalars -> Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return value.item()
-    return json.loads(json.dumps(value)) if not isinstance(value, (int, float, str, bool, type(None))) else value
 
 
 __all__ = ["Pipeline", "SamplingDefaults", "ClipOptions", "parameterization_from_config", "CONFIG_NAME", "WEIGHTS_NAME"]

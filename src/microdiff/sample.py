@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     prompts = [parse_prompt(p) for p in args.prompts]
     device = pick_device(args.device)
     try:
-        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "float32": None,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        from .encoders.image import resolve_dtype
+
+        auto = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = auto if args.dtype == "auto" else resolve_dtype(args.dtype)
         pipe = Pipeline.from_pretrained(args.checkpoint, device=device, dtype=dtype)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"microdiff sample: {err}", file=sys.stderr)

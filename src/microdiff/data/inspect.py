@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CAPTION_FIELDS = ("caption", "text", "TEXT", "prompt")
+from .captioned import CAPTION_COLUMNS, IMAGE_SUFFIXES
+
 
 
 # ----------------------------------------------------------------------------- readers
@@ -84,7 +84,7 @@ def iter_source(source: str) -> Iterator[dict[str, Any]]:
 
 
 def _caption_of(row: dict[str, Any]) -> str | None:
-    for field in CAPTION_FIELDS:
+    for field in CAPTION_COLUMNS:
         if isinstance(row.get(field), str):
             return row[field]
     return None

@@ -30,7 +30,6 @@ import torch
 from .shards import (FORMAT, INFO_NAME, encode_sample, remove_stale_temporaries, shard_name, write_json_atomic,
                      write_shard)
 
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 RECORD_FIELDS = ("image", "caption", "key", "meta")
 CHECKED = ("autoencoder", "text_encoder", "shard_size", "num_items", "dtype")
 
@@ -56,10 +55,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    from ..encoders.image import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"dtype {dtype}: shards store float16 or float32 (.npy has no bfloat16)")
     return dtype

@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..utils.jsondata import json_data
+
 INFO_NAME = "dataset.json"
 FORMAT = "microdiff-latent-shards"
 FIELDS = ("latent.npy", "text.npy", "text_mask.npy", "pooled.npy", "caption.txt", "meta.json")
@@ -116,21 +118,6 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _jsonable(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise ValueError(f"{where} is a {type(value).__name__}, which JSON cannot hold; store numbers, "
-                     "strings, lists or dicts in a record's meta")
-
-
 def encode_sample(index: int, latent: np.ndarray, text: np.ndarray, text_mask: np.ndarray, pooled: np.ndarray,
                   caption: str, meta: dict[str, Any] | None = None, key: str | None = None,
                   extras: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -153,7 +140,7 @@ def encode_sample(index: int, latent: np.ndarray, text: np.ndarray, text_mask: n
         "text_mask.npy": _npy(text_mask),
         "pooled.npy": _npy(pooled),
         "caption.txt": caption.encode("utf-8"),
-        "meta.json": json.dumps(_jsonable(meta or {}, f"item {index} meta"), sort_keys=True).encode("utf-8"),
+        "meta.json": json.dumps(json_data(meta or {}, f"item {index} meta"), sort_keys=True).encode("utf-8"),
         "key.txt": (sample_key(index) if key is None else str(key)).encode("utf-8"),
     }
 
