@@ -7,7 +7,6 @@ import importlib
 import sys
 
 PLANNED = {
-    "train": ("train a text-to-image diffusion model from a YAML config", 6),
     "eval": ("FID/FD, CLIP score, prompt suites and memorisation checks", 8),
 }
 
@@ -34,6 +33,11 @@ DATA_COMMANDS = {
                 ["microdiff data inspect data/shapes", "microdiff data inspect shards/ --json report.json"]),
 }
 TOP_COMMANDS = {
+    "train": ("microdiff.train.cli", "train a text-to-image diffusion model from a YAML config (one process, "
+              "or torchrun for DDP / FSDP), with EMA, checkpoints, exact resume and multi-stage runs",
+              ["microdiff train configs/demo.yaml --out runs/demo",
+               "microdiff train configs/demo.yaml train.steps=3000 optim.lr=5e-4 --out runs/longer",
+               "torchrun --nproc_per_node 8 -m microdiff train configs/micro_diffusion/stages.yaml --out runs/md"]),
     "convert": ("microdiff.convert", "turn a published checkpoint (micro_diffusion / Ambient-o DiT) into a "
                 "pipeline folder that sample and Pipeline.from_pretrained use",
                 ["microdiff convert micro-diffusion --dit ambient_o.safetensors --out pipelines/ambient-o"]),
@@ -122,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `microdiff train CONFIG --out DIR key=value`: overrides may also come after the options
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

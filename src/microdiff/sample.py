@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from .clip_guidance import add_arguments as add_clip_arguments
+from .utils.grids import image_grid
 from .clip_guidance import parse_weighted as parse_prompt  # "text:weight" -> (text, weight), one rule for both
 
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta", "checkpoint", "clip_model",
@@ -34,19 +34,6 @@ def pick_device(name: str) -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def image_grid(images: list, columns: int | None = None):
-    """PIL images of one size -> one PIL image, ``columns`` wide (default: about square)."""
-    from PIL import Image
-
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

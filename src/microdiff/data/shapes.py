@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..ambient.corruptions import apply_corruption, check_spec, from_uint8, parse_corruption, to_uint8
 
@@ -395,36 +394,16 @@ def write_shapes_folder(out_dir: str | Path, n: int, resolution: int = 64, seed:
     return paths
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
 def shapes_grid(n: int = 16, resolution: int = 64, seed: int = 0, *, objects: int = 1, corruption: Any = None,
                 captions: bool = True, columns: int | None = None, cell: int = 160) -> Image.Image:
     """A contact sheet of the first ``n`` samples, each scaled by an integer factor (nearest) to
     about ``cell`` px, with its caption below when ``captions``. Images are shown clipped to 8 bits."""
+    from ..utils.grids import captioned_grid
+
     data = ShapesDataset(n, resolution, seed, objects, corruption)
-    columns = columns or max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / columns))
-    scale = max(1, round(cell / resolution))
-    side = resolution * scale
-    font, line_h = _font(11), 13
     items = [data[i] for i in range(n)]
-    lines = [textwrap.wrap(item["caption"], max(8, side // 6)) if captions else [] for item in items]
-    text_h = max((len(w) for w in lines), default=0) * line_h + (4 if captions else 0)
-    pad = 4
-    sheet = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, (item, wrapped) in enumerate(zip(items, lines)):
-        x, y = pad + (i % columns) * (side + pad), pad + (i // columns) * (side + text_h + pad)
-        tile = Image.fromarray(to_uint8(item["image"][None])[0], "RGB")
-        sheet.paste(tile.resize((side, side), Image.NEAREST), (x, y))
-        for k, line in enumerate(wrapped):
-            draw.text((x, y + side + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
-    return sheet
+    tiles = [Image.fromarray(to_uint8(item["image"][None])[0], "RGB") for item in items]
+    return captioned_grid(tiles, [item["caption"] for item in items] if captions else None, columns, cell)
 
 
 # ----------------------------------------------------------------------------- CLI

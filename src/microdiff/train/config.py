@@ -1,0 +1,329 @@
+"""Training configuration as data: dataclasses with visible defaults, read from YAML, overridden
+with dotted ``key=value`` pairs, validated with one clear line per mistake, saved into the run.
+
+    config = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.steps=2000"])
+    save_config(config, "runs/demo/config.yaml")
+
+A YAML file may start from another with ``extends: other.yaml`` (a path relative to the file);
+mappings merge key by key, anything else is replaced. Override values are parsed as YAML scalars
+or flow collections (``optim.betas=[0.9,0.95]``, ``model.init_from=null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message is one line naming the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    backbone: str = "MicroDiT_Nano_2"  # a preset of microdiff.models (MicroDiT_*, UNet_*)
+    options: dict = field(default_factory=dict)  # keyword overrides for the preset
+    parameterization: str = "edm"  # edm | v | eps | x0
+    sigma_data: float = 0.5  # EDM only
+    init_from: Union[str, None] = None  # weights to start from: run folder, checkpoint file or pipeline folder
+    init_ignore_keys: list = field(default_factory=list)  # fnmatch patterns of keys to leave as initialised
+    init_ema: bool = True  # take init_from's EMA weights when it has them
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes:2000"  # shapes:N | image folder | manifest | hf:NAME | shard folder | mds:PATH
+    resolution: int = 32  # image side in pixels (the latent side is resolution / autoencoder downsampling)
+    vocabulary: dict = field(default_factory=dict)  # shapes:N only: e.g. {sizes: [large]}
+    corruption: Any = None  # shapes:N only: corruption mixture (see data/shapes.py)
+    num_workers: int = 0
+    cache: bool = False  # map-style sources: keep decoded samples in memory after their first use
+    shuffle_buffer: int = 1000  # shard folders only
+    seed: int = 0  # data order (and shapes content)
+
+
+@dataclass
+class EncoderConfig:
+    text: str = "builtin:byte-d64-l2-h4-len64"  # microdiff.encoders.load_text_encoder identifier
+    train_text_encoder: bool = True  # the built-in encoder trains with the model; others stay frozen
+    autoencoder: str = "identity"  # microdiff.encoders.load_autoencoder identifier
+    autoencoder_dtype: str = "float32"
+    caption_mask: bool = True  # pass the caption padding mask to the backbone
+
+
+@dataclass
+class NoiseConfig:
+    distribution: str = "lognormal"  # lognormal | cosine | discrete | loguniform
+    options: dict = field(default_factory=lambda: {"p_mean": -1.2, "p_std": 1.2})
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "natural"  # natural | edm | eps | v | min_snr | x0
+    reduction: str = "mean"  # mean | mean_per_sample | sum_per_sample
+    mask_ratio: float = 0.0  # MicroDiT patch masking during training
+    caption_dropout: float = 0.1  # fraction of captions replaced by the unconditional one (for CFG)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    no_decay_on_norms: bool = True  # no weight decay on biases, norms, embeddings and positional tables
+    expert_lr_scale: float = 1.0  # learning-rate factor for MoE expert weights
+    text_encoder_lr_scale: float = 1.0
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.1  # cosine/linear: the lr at the last step, as a fraction of lr
+    grad_clip: Union[float, None] = 1.0  # max global grad norm (null: no clipping)
+
+
+@dataclass
+class EMAConfig:
+    decays: list = field(default_factory=lambda: [0.999])  # one EMA copy per decay
+    warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)), t counted from start_step
+    start_step: int = 0
+    every: int = 1
+    export: Union[float, None] = None  # the decay whose weights become the pipeline (default: the first)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global: micro_batch x accumulation x world size
+    micro_batch_size: Union[int, None] = None  # per process and step of accumulation (default: all of it)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    threads: Union[int, None] = None  # torch CPU threads (default: leave as is)
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # metrics.jsonl + TensorBoard scalars
+    tensorboard: bool = True
+    progress: bool = True
+    sigma_buckets: list = field(default_factory=lambda: [0.1, 0.5, 1.0, 2.0, 5.0])  # edges of loss-by-sigma
+    sample_every: int = 0  # sample grids of sample_prompts (0: only at the end)
+    sample_prompts: list = field(default_factory=list)
+    sample_seed: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # full training state
+    keep_last: int = 2
+    pipeline: bool = True  # also write the EMA weights as a pipeline folder
+
+
+@dataclass
+class SamplingConfig:  # the pipeline's defaults (and the grids logged during training)
+    sampler: str = "heun"
+    steps: int = 30
+    guidance_scale: float = 5.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block)
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+CHOICES = {
+    "model.parameterization": ("edm", "v", "eps", "x0"),
+    "noise.distribution": ("lognormal", "cosine", "discrete", "loguniform"),
+    "loss.weighting": ("natural", "edm", "eps", "v", "min_snr", "x0"),
+    "loss.reduction": ("mean", "mean_per_sample", "sum_per_sample"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "train.precision": ("fp32", "bf16"),
+    "distributed.strategy": ("ddp", "fsdp"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(str(p) for p in seen + (path,))})")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    return merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: mappings merge key by key, anything else in ``update`` replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=3e-4`` -> (["optim", "lr"], 3e-4)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. optim.lr=3e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict[str, Any] | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML file (or ``data``) plus ``key=value`` overrides."""
+    merged = _read_yaml(Path(path)) if path is not None else {}
+    merged = merge(merged, data or {})
+    source = str(path) if path is not None else "config"
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(merged, keys, value)
+    merged.pop("stages", None)
+    return build(RunConfig, merged, source)
+
+
+# ----------------------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null"}.get(tp, getattr(typing.get_origin(tp) or tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif (origin or tp) is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif (origin or tp) is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def build(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, naming the first unknown key or wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+        tp = hints[key]
+        where = f"{source}: {prefix}{key}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+            choices = CHOICES.get(f"{prefix}{key}")
+            if choices and kwargs[key] not in choices:
+                raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(choices)}")
+    return cls(**kwargs)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path
+
+
+def stage_files(path: str | Path) -> list[Path] | None:
+    """The config files a stages file lists (``stages: [a.yaml, b.yaml]``), or None if it lists none."""
+    path = Path(path)
+    data = _read_yaml(path)
+    stages = data.get("stages")
+    if stages is None:
+        return None
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
+        raise ConfigError(f"{path}: stages must be a non-empty list of config file names")
+    return [(path.parent / s).resolve() for s in stages]
+
+
+__all__ = ["RunConfig", "ModelConfig", "DataConfig", "EncoderConfig", "NoiseConfig", "LossConfig", "OptimConfig",
+           "EMAConfig", "TrainConfig", "LogConfig", "CheckpointConfig", "SamplingConfig", "DistributedConfig",
+           "ConfigError", "load_config", "save_config", "to_dict", "merge", "parse_override", "build",
+           "stage_files"]

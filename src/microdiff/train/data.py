@@ -1,0 +1,206 @@
+"""Training batches with an exact resume point, split across ranks and gradient-accumulation steps.
+
+Two kinds of source (``data.source`` in the config):
+
+- map-style datasets: ``shapes:N``, image folders, manifests, ``hf:NAME`` (images + captions,
+  encoded on the fly) and ``mds:PATH`` (micro_diffusion's precomputed latents). The global order
+  is an endless concatenation of permutations seeded by (seed, epoch); the global batch of step s
+  is ``order[s*G : (s+1)*G]``; rank r takes the contiguous slice ``[r*G/W, (r+1)*G/W)`` of it and
+  cuts it into micro-batches. So one process with batch G sees exactly the samples that W
+  processes see together, and the resume point is just the step.
+- shard folders written by ``microdiff data precompute`` (a ``dataset.json`` beside webdataset
+  tars): a :class:`~microdiff.data.shards.ShardStream` per rank, whose state (epoch and samples
+  consumed per reader) is the resume point.
+
+Each step yields this rank's micro-batches as ``(global_offset, batch)`` pairs, where
+``global_offset`` is the position of the micro-batch's first sample in the global batch (so the
+per-sample noise drawn for the global batch can be sliced to match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def global_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch of ``step``: positions [step*batch, (step+1)*batch) of
+    the endless order made of per-epoch permutations."""
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, start = divmod(pos, n)
+        take = min(batch - len(out), n - start)
+        out.extend(int(i) for i in epoch_permutation(n, seed, epoch)[start:start + take])
+        pos += take
+    return out
+
+
+def split_batch(global_batch: int, world_size: int, rank: int, micro: int) -> list[tuple[int, int]]:
+    """(offset, size) of this rank's micro-batches inside the global batch."""
+    if global_batch % world_size:
+        raise ValueError(f"train.batch_size={global_batch} must be divisible by the number of processes ({world_size})")
+    per_rank = global_batch // world_size
+    if per_rank % micro:
+        raise ValueError(f"train.micro_batch_size={micro} must divide the per-process batch {per_rank} "
+                         f"(train.batch_size / processes)")
+    start = rank * per_rank
+    return [(start + k, micro) for k in range(0, per_rank, micro)]
+
+
+def is_shard_folder(source: str) -> bool:
+    path = Path(source)
+    return (path.is_dir() and (path / "dataset.json").is_file()) or source.endswith("dataset.json")
+
+
+def build_map_dataset(config: DataConfig):
+    """The map-style dataset ``config.source`` names."""
+    source = config.source
+    if source.startswith("shapes:"):
+        from ..data.shapes import ShapesDataset
+
+        count = source.split(":", 1)[1]
+        if not count.isdigit():
+            raise ValueError(f"data.source={source!r}: write shapes:N with N the number of images, e.g. shapes:2000")
+        return ShapesDataset(int(count), resolution=config.resolution, seed=config.seed,
+                             corruption=config.corruption, **config.vocabulary)
+    if config.vocabulary or config.corruption is not None:
+        raise ValueError("data.vocabulary and data.corruption apply to shapes:N sources only")
+    if source.startswith("mds:"):
+        from ..data.mds import MDSLatentDataset
+
+        return MDSLatentDataset(source[4:], resolution=config.resolution)
+    from ..data.captioned import make_dataset
+
+    return make_dataset(source, resolution=config.resolution)
+
+
+def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Latent samples (precomputed) or image records, stacked."""
+    kept = [b for b in batch if b is not None]
+    if kept and "latent" in kept[0]:
+        from ..data.shards import collate_latents
+
+        return collate_latents(kept)
+    from ..data.captioned import collate_records
+
+    return collate_records(batch)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Keeps each decoded sample after its first use (small datasets that are slow to decode or render)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.items = dataset, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if index not in self.items:
+            self.items[index] = self.dataset[index]
+        return self.items[index]
+
+
+class _MicroBatches(torch.utils.data.Sampler):
+    def __init__(self, n: int, config: DataConfig, global_batch: int, splits: list[tuple[int, int]],
+                 start_step: int, total_steps: int):
+        self.n, self.config, self.global_batch, self.splits = n, config, global_batch, splits
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            indices = global_batch_indices(self.n, self.global_batch, step, self.config.seed)
+            for offset, size in self.splits:
+                yield indices[offset:offset + size]
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * len(self.splits)
+
+
+class MapBatches:
+    """Per-step micro-batches of a map-style dataset; ``state_dict`` is the next step."""
+
+    def __init__(self, dataset, config: DataConfig, global_batch: int, splits: list[tuple[int, int]]):
+        if len(dataset) == 0:
+            raise ValueError(f"data.source={config.source!r}: the dataset is empty")
+        self.dataset, self.config, self.global_batch, self.splits = dataset, config, global_batch, splits
+        self.next_step = 0
+
+    def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
+        sampler = _MicroBatches(len(self.dataset), self.config, self.global_batch, self.splits, start_step, total_steps)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+                                             collate_fn=collate)
+        micro: list[tuple[int, dict]] = []
+        self.next_step = start_step
+        for batch in loader:
+            micro.append((self.splits[len(micro)][0], batch))
+            if len(micro) == len(self.splits):
+                yield micro
+                micro = []
+                self.next_step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "map", "next_step": self.next_step, "n": len(self.dataset), "seed": self.config.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "map" or state.get("n") != len(self.dataset):
+            raise ValueError(f"checkpoint data position is for {state.get('n')} samples ({state.get('kind')}), this "
+                             f"run's data.source has {len(self.dataset)}: resume with the same data")
+
+
+class ShardBatches:
+    """Per-step micro-batches from precomputed shards; resumes through the stream's own state."""
+
+    def __init__(self, config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int):
+        from ..data.shards import ShardStream, StreamLoader
+
+        self.stream = ShardStream(config.source, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                                  rank=rank, world_size=world_size)
+        self.splits = splits
+        self.loader = StreamLoader(self.stream, batch_size=splits[0][1], num_workers=config.num_workers)
+
+    def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
+        step = start_step
+        while step < total_steps:
+            micro: list[tuple[int, dict]] = []
+            produced = False
+            for batch in self.loader:
+                produced = True
+                micro.append((self.splits[len(micro)][0], batch))
+                if len(micro) == len(self.splits):
+                    yield micro
+                    micro, step = [], step + 1
+                    if step >= total_steps:
+                        return
+            if not produced:
+                raise ValueError(f"{self.stream.urls[0]}: the shards yield no samples for this process")
+            self.stream.set_epoch(self.stream.epoch + 1)  # an epoch ended: the partial micro-batches are dropped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "shards", **self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "shards":
+            raise ValueError("checkpoint data position is not for shards: resume with the same data.source")
+        self.stream.load_state_dict({k: v for k, v in state.items() if k != "kind"})
+
+
+def build_batches(config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int):
+    if is_shard_folder(config.source):
+        return ShardBatches(config, global_batch, splits, rank, world_size)
+    dataset = build_map_dataset(config)
+    return MapBatches(CachedDataset(dataset) if config.cache else dataset, config, global_batch, splits)
+
+
+__all__ = ["build_batches", "CachedDataset", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
+           "epoch_permutation", "collate", "is_shard_folder"]

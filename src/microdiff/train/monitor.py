@@ -1,0 +1,155 @@
+"""What a run shows while and after it trains: a progress bar (loss, images/s, ETA), ``metrics.jsonl``,
+TensorBoard scalars and images, sample grids and a loss-curve PNG. Only rank 0 writes.
+
+metrics.jsonl, one line per ``log.every`` steps: ``step``, ``loss`` (mean over the window),
+``grad_norm``, ``lr``, ``images_per_s``, ``seconds`` and ``loss_sigma/<lo>-<hi>`` (the mean
+per-sample loss of samples whose sigma fell in that bucket). On resume, lines after the resumed
+step are dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LogConfig
+
+
+def bucket_names(edges: list[float]) -> list[str]:
+    bounds = [0.0, *edges, math.inf]
+    return [f"{lo:g}-{hi:g}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def loss_by_sigma(per_sample: torch.Tensor, sigma: torch.Tensor, edges: list[float]) -> dict[str, tuple[float, int]]:
+    """(sum, count) of per-sample losses in each sigma bucket ``[edge_k, edge_k+1)``."""
+    index = torch.bucketize(sigma.float(), torch.tensor(edges, dtype=torch.float32), right=True)
+    out = {}
+    for k, name in enumerate(bucket_names(edges)):
+        chosen = per_sample[index == k]
+        out[name] = (float(chosen.sum()), int(chosen.numel()))
+    return out
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class Monitor:
+    def __init__(self, out: Path, config: LogConfig, is_main: bool, total_steps: int, start_step: int = 0):
+        self.out, self.config, self.is_main = Path(out), config, is_main
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.window: list[dict[str, Any]] = []
+        self.window_start = time.perf_counter()
+        self.started = time.perf_counter()
+        self.last: dict[str, Any] = {}
+        self.writer = None
+        self.bar = None
+        if not is_main:
+            return
+        truncate_metrics(self.metrics_path, start_step)
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                self.note("TensorBoard logging is off: install tensorboard (pip install 'microdiff[train]')")
+        if config.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+
+    def note(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.window.append({**metrics, "step": step})
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % max(self.config.every, 1) == 0:
+            self._flush(step)
+
+    def _flush(self, step: int) -> None:
+        window, self.window = self.window, []
+        if not window:
+            return
+        now = time.perf_counter()
+        seconds = now - self.window_start
+        self.window_start = now
+        images = sum(m["images"] for m in window)
+        row: dict[str, Any] = {"step": step, "loss": sum(m["loss"] for m in window) / len(window),
+                               "grad_norm": sum(m["grad_norm"] for m in window) / len(window),
+                               "lr": window[-1]["lr"], "images_per_s": images / max(seconds, 1e-9),
+                               "seconds": now - self.started}
+        per_sample = torch.cat([m["per_sample"] for m in window])
+        sigma = torch.cat([m["sigma"] for m in window])
+        for name, (total, count) in loss_by_sigma(per_sample, sigma, list(self.config.sigma_buckets)).items():
+            if count:
+                row[f"loss_sigma/{name}"] = total / count
+        self.last = row
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "grad_norm", "lr"):
+                self.writer.add_scalar(f"train/{key}", row[key], step)
+            self.writer.add_scalar("perf/images_per_s", row["images_per_s"], step)
+            for key, value in row.items():
+                if key.startswith("loss_sigma/"):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+
+    def images(self, step: int, images: torch.Tensor, prompts: list[str]) -> Path | None:
+        """Save a captioned grid of sample images (B,3,H,W in [0,1]) as samples/step-XXXXXXXX.png."""
+        if not self.is_main:
+            return None
+        from ..utils.grids import captioned_grid
+
+        path = self.out / "samples" / f"step-{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        captioned_grid(images, prompts).save(path)
+        if self.writer is not None:
+            self.writer.add_images("samples", images.clamp(0, 1), step)
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        return {"final_loss": self.last.get("loss"), "metrics": str(self.metrics_path)}
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        if self.window:
+            self._flush(self.window[-1]["step"])
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        rows = read_metrics(self.metrics_path)
+        if len(rows) > 1:
+            from ..utils.plots import line_plot
+
+            line_plot({"loss": ([r["step"] for r in rows], [r["loss"] for r in rows])}, self.out / "loss.png",
+                      title="training loss", xlabel="step", ylabel="loss", logy=True)
+
+
+__all__ = ["Monitor", "loss_by_sigma", "bucket_names", "read_metrics", "truncate_metrics"]

@@ -1,0 +1,446 @@
+"""The training loop: ``train(config, out, resume)`` runs one stage; see docs/training.md.
+
+Per optimiser step s (0-based), with G the global batch and W processes:
+
+1. the learning rate is set from the schedule (``optim.lr_factor``);
+2. per-sample randomness for the whole global batch comes from generators seeded by (seed, s):
+   sigma from the configured distribution, caption-dropout flags, the noise; each process slices
+   the part of its samples, so W processes draw what one process with batch G draws;
+3. each micro-batch's loss (scaled by 1 / accumulation steps) is backpropagated, with DDP's
+   gradient sync only on the last one;
+4. gradients are clipped to ``optim.grad_clip``, AdamW steps, the EMAs update;
+5. the loss is averaged over processes; a non-finite loss stops the run (``TrainingDiverged``)
+   before the bad step reaches a checkpoint.
+
+Resume (``--resume auto``) restores weights, EMA, optimiser, step, data position and RNG states,
+so a run killed at any point and resumed computes the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..diffusion.denoiser import Denoiser, make_parameterization
+from ..diffusion.loss import denoising_loss, make_weighting
+from ..diffusion.noise import make_noise_distribution
+from .checkpoint import load_state, replace_dir, resolve_resume, save_checkpoint
+from .config import RunConfig, save_config, to_dict
+from .data import build_batches, split_batch
+from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, setup_distributed, teardown, wrap_model
+from .ema import EMA
+from .monitor import Monitor
+from .optim import lr_factor, make_optimizer, parameter_groups, set_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+def build_backbone(config: RunConfig, latent_channels: int, latent_size: int, caption_dim: int) -> nn.Module:
+    """The preset ``model.backbone`` with shapes filled in from the data and encoders (unless set)."""
+    from ..models import DIT_PRESETS, UNET_PRESETS
+
+    name, options = config.model.backbone, dict(config.model.options)
+    if name in DIT_PRESETS:
+        defaults = {"input_size": latent_size, "in_channels": latent_channels, "caption_channels": caption_dim}
+        factory = DIT_PRESETS[name]
+    elif name in UNET_PRESETS:
+        defaults = {"in_channels": latent_channels, "caption_channels": caption_dim}
+        factory = UNET_PRESETS[name]
+    else:
+        known = ", ".join([*DIT_PRESETS, *UNET_PRESETS])
+        raise ValueError(f"model.backbone={name!r} is not a preset; known: {known}")
+    if config.train.gradient_checkpointing:
+        defaults["gradient_checkpointing"] = True
+    try:
+        return factory(**{**defaults, **options})
+    except TypeError as err:
+        raise ValueError(f"model.options for {name}: {err}") from None
+
+
+def caption_layout(backbone: nn.Module) -> str:
+    return "B1LC" if type(backbone).__name__ == "MicroDiT" else "BLC"
+
+
+class TrainModule(nn.Module):
+    """What a training step calls (and DDP wraps): the backbone, the trainable text encoder if any,
+    and the denoising loss around them."""
+
+    def __init__(self, backbone: nn.Module, parameterization, text_encoder: nn.Module | None, layout: str,
+                 caption_mask: bool, frozen_text_encoder=None):
+        super().__init__()
+        self.backbone = backbone
+        self.text_encoder = text_encoder  # a submodule only when it trains
+        self.__dict__["frozen_text_encoder"] = frozen_text_encoder  # not a submodule: no grads, not saved
+        self.parameterization = parameterization
+        self.layout, self.caption_mask = layout, caption_mask
+        self.__dict__["compiled"] = None  # torch.compile'd backbone (shares the parameters)
+
+    def condition(self, text: dict[str, Any], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backbone caption inputs from precomputed states (``text``/``text_mask``) or raw ``caption``s;
+        dropped captions become zero states with no valid token (micro_diffusion's unconditional input)."""
+        device = next(self.backbone.parameters()).device
+        if "text" in text:
+            states, mask = text["text"].to(device), text["text_mask"].to(device)
+        else:
+            encoder = self.text_encoder if self.text_encoder is not None else self.frozen_text_encoder
+            with torch.set_grad_enabled(self.text_encoder is not None and torch.is_grad_enabled()):
+                enc = encoder.encode(list(text["caption"]))
+            states, mask = enc.states.to(device, torch.float32), enc.mask.to(device)
+        keep = (~drop).to(device)
+        states = states * keep[:, None, None].to(states.dtype)
+        mask = mask & keep[:, None]
+        cond = {"y": states[:, None] if self.layout == "B1LC" else states}
+        if self.caption_mask:
+            cond["y_mask"] = mask
+        return cond
+
+    def forward(self, x0, sigma, noise, text, drop, weighting, reduction, mask=None, **backbone_kwargs):
+        cond = self.condition(text, drop)
+        denoiser = Denoiser(self.compiled or self.backbone, self.parameterization)
+        result = denoising_loss(denoiser, x0, sigma, noise=noise, weighting=weighting, reduction=reduction,
+                                mask=mask, cond={**cond, **backbone_kwargs})
+        return result.loss, result.per_sample
+
+
+def load_init_weights(module: TrainModule, path: str, use_ema: bool, ignore: list[str]) -> dict[str, Any]:
+    """Start from another run's weights (a run folder, checkpoint folder, pipeline folder or a weights
+    file, e.g. micro_diffusion's): keys matching ``ignore`` keep their initial values, a MicroDiT's
+    positional table is recomputed for this resolution. Returns a short report."""
+    from ..models.dit import extract_state_dict, load_checkpoint_file
+
+    source = Path(path)
+    state: dict[str, torch.Tensor]
+    if (source / "pipeline.yaml").is_file():
+        from safetensors.torch import load_file
+
+        state = {f"backbone.{k}": v for k, v in load_file(str(source / "denoiser.safetensors")).items()}
+        te = source / "text_encoder" / "model.safetensors"
+        if te.is_file():
+            state.update({f"text_encoder.{k}": v for k, v in load_file(str(te)).items()})
+    elif source.is_dir() or (source.is_file() and source.name == "state.pt"):
+        ckpt = load_state(resolve_resume(source, str(source)) if (source / "checkpoints").is_dir() else source)
+        state = dict(ckpt["model"])
+        if use_ema and ckpt.get("ema"):
+            decay = ckpt["ema"]["decays"][0]
+            state.update(ckpt["ema"]["shadows"][str(decay)])
+    elif source.is_file():
+        state = {f"backbone.{k}": v for k, v in extract_state_dict(load_checkpoint_file(str(source))).items()}
+    else:
+        raise FileNotFoundError(f"model.init_from={path}: no such run, checkpoint, pipeline folder or weights file")
+    own = module.state_dict()
+    ignored = [k for k in state if any(fnmatch.fnmatch(k, p) or fnmatch.fnmatch(k.split(".", 1)[-1], p) for p in ignore)]
+    state = {k: v for k, v in state.items() if k not in ignored and k in own}
+    mismatched = [k for k, v in state.items() if v.shape != own[k].shape and not k.endswith("pos_embed")]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"model.init_from={path}: {k} has shape {tuple(state[k].shape)} there and "
+                         f"{tuple(own[k].shape)} here; add it to model.init_ignore_keys to keep it freshly initialised")
+    missing = [k for k in own if k not in state and not any(fnmatch.fnmatch(k, p) or fnmatch.fnmatch(k.split('.', 1)[-1], p)
+                                                            for p in ignore) and not k.endswith("pos_embed")]
+    if missing:
+        raise ValueError(f"model.init_from={path}: {len(missing)} weights of this model are not there (first: "
+                         f"{missing[0]}); add patterns to model.init_ignore_keys to initialise them fresh")
+    module.load_state_dict(state, strict=False)
+    return {"init_from": str(path), "loaded": len(state), "ignored": ignored}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """A CPU generator (sigma, dropout) and one on ``device`` (noise) for optimiser step ``step``."""
+    base = (int(seed) * 1_000_003 + int(step)) % (2**63 - 1)
+    cpu = torch.Generator().manual_seed(base)
+    dev = torch.Generator(device=device).manual_seed(base ^ 0x9E3779B97F4A7C15 % (2**63 - 1))
+    return cpu, dev
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """State of one training stage. ``Trainer(config, out).fit(resume="auto")``."""
+
+    def __init__(self, config: RunConfig, out: str | Path, dist_info: DistInfo | None = None):
+        self.config, self.out = config, Path(out)
+        self.dist = dist_info or setup_distributed(config.train.device, config.distributed.backend)
+        self._owns_dist = dist_info is None
+        self.device = self.dist.device
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed + self.dist.rank)
+        random.seed(config.train.seed + self.dist.rank)
+        self._build()
+
+    # -- setup
+    def _build(self) -> None:
+        from ..encoders.builtin import BuiltinTextEncoder
+        from ..encoders.image import load_autoencoder
+        from ..encoders.text import load_text_encoder
+
+        c = self.config
+        enc = c.encoders
+        self.text_encoder = load_text_encoder(enc.text, device=self.device)
+        trains_text = enc.train_text_encoder and isinstance(self.text_encoder, BuiltinTextEncoder)
+        if isinstance(self.text_encoder, nn.Module):
+            self.text_encoder.requires_grad_(trains_text)
+            self.text_encoder.train(trains_text)
+        self.autoencoder = load_autoencoder(enc.autoencoder, device=self.device, dtype=enc.autoencoder_dtype)
+        if c.data.resolution % self.autoencoder.downsample:
+            raise ValueError(f"data.resolution={c.data.resolution} must be a multiple of the autoencoder's "
+                             f"downsampling ({self.autoencoder.downsample})")
+        latent_size = c.data.resolution // self.autoencoder.downsample
+        self.latent_shape = (self.autoencoder.latent_channels, latent_size, latent_size)
+        backbone = build_backbone(c, self.autoencoder.latent_channels, latent_size, self.text_encoder.dim)
+        self.param = make_parameterization(c.model.parameterization,
+                                           **({"sigma_data": c.model.sigma_data} if c.model.parameterization == "edm" else {}))
+        self.layout = caption_layout(backbone)
+        self.module = TrainModule(backbone, self.param, self.text_encoder if trains_text else None, self.layout,
+                                  enc.caption_mask, self.text_encoder).to(self.device)
+        self.init_report = None
+        if c.model.init_from:
+            self.init_report = load_init_weights(self.module, c.model.init_from, c.model.init_ema,
+                                                 c.model.init_ignore_keys)
+        if c.train.compile:
+            self.module.__dict__["compiled"] = torch.compile(backbone)
+        self.wrapped = wrap_model(self.module, self.dist, c.distributed.strategy)
+        self.noise_dist = make_noise_distribution(c.noise.distribution, **c.noise.options)
+        wkw = {"sigma_data": c.model.sigma_data} if c.loss.weighting == "edm" else {}
+        self.weighting = make_weighting(c.loss.weighting, self.param, **wkw)
+        self.groups = parameter_groups(backbone, lr=c.optim.lr, weight_decay=c.optim.weight_decay,
+                                       no_decay_on_norms=c.optim.no_decay_on_norms,
+                                       expert_lr_scale=c.optim.expert_lr_scale,
+                                       text_encoder=self.module.text_encoder,
+                                       text_encoder_lr_scale=c.optim.text_encoder_lr_scale)
+        self.optimizer = make_optimizer(self.groups, betas=c.optim.betas, eps=c.optim.eps)
+        self.ema = EMA(((n, p) for n, p in self.module.named_parameters() if p.requires_grad), c.ema.decays,
+                       c.ema.warmup, c.ema.start_step, c.ema.every)
+        micro = c.train.micro_batch_size or c.train.batch_size // self.dist.world_size
+        self.splits = split_batch(c.train.batch_size, self.dist.world_size, self.dist.rank, micro)
+        self.data = build_batches(c.data, c.train.batch_size, self.splits, self.dist.rank, self.dist.world_size)
+        if hasattr(self.data, "stream") and self.data.stream.info:
+            self.data.stream.check_encoders(self.autoencoder.identifier, self.text_encoder.identifier)
+        self.step = 0
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        data_states = gather_objects(self.data.state_dict(), self.dist)
+        rng_states = gather_objects(_rng_state(), self.dist)
+        return {"step": self.step, "model": self.module.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "data": data_states, "rng": rng_states,
+                "world_size": self.dist.world_size, "config": json.loads(json.dumps(to_dict(self.config)))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(f"the checkpoint was written by {state.get('world_size')} processes and this run has "
+                             f"{self.dist.world_size}: resume with the same number of processes")
+        self.module.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["data"][self.dist.rank])
+        _set_rng_state(state["rng"][self.dist.rank])
+
+    # -- export
+    def ema_pipeline(self):
+        """A Pipeline holding the exported EMA weights (a copy; training weights are untouched)."""
+        from ..pipeline import Pipeline, SamplingDefaults
+
+        c = self.config
+        weights = self.ema.weights(c.ema.export)
+        backbone = copy.deepcopy(self.module.backbone).eval()
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")},
+                                 strict=False)
+        text_encoder = self.text_encoder
+        if self.module.text_encoder is not None:
+            text_encoder = copy.deepcopy(self.module.text_encoder).eval()
+            text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
+                                          if k.startswith("text_encoder.")}, strict=False)
+        defaults = SamplingDefaults(sampler=c.sampling.sampler, num_inference_steps=c.sampling.steps,
+                                    guidance_scale=c.sampling.guidance_scale, sigma_min=c.sampling.sigma_min,
+                                    sigma_max=c.sampling.sigma_max, rho=c.sampling.rho, height=c.data.resolution,
+                                    width=c.data.resolution, caption_mask=c.encoders.caption_mask,
+                                    caption_layout=self.layout)
+        return Pipeline(text_encoder, self.autoencoder, Denoiser(backbone, self.param), defaults)
+
+    def save_pipeline(self) -> Path:
+        final = self.out / "pipeline"
+        tmp = self.out / ".tmp-pipeline"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.ema_pipeline().save_pretrained(tmp)
+        replace_dir(tmp, final)
+        return final
+
+    def checkpoint(self) -> Path | None:
+        state = self.state_dict()  # every rank takes part (gathers)
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.out, self.step, state, self.config.checkpoint.keep_last)
+            if self.config.checkpoint.pipeline:
+                self.save_pipeline()
+        barrier(self.dist)
+        return path
+
+    # -- one step
+    def _micro_step(self, offset: int, batch: dict[str, Any], sigma_all, drop_all, noise_all, last: bool,
+                    accumulation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        with torch.no_grad():
+            if "latent" in batch:
+                x0 = batch["latent"].to(self.device, torch.float32)
+            else:
+                x0 = self.autoencoder.encode(batch["image"].to(self.device)).float()
+        if tuple(x0.shape[1:]) != self.latent_shape:
+            raise ValueError(f"data.source={c.data.source}: latents of shape {tuple(x0.shape[1:])}, but data.resolution="
+                             f"{c.data.resolution} and the autoencoder give {self.latent_shape}; set data.resolution "
+                             "to the resolution the latents were made at")
+        n = x0.shape[0]
+        sigma = sigma_all[offset:offset + n].to(self.device, x0.dtype)
+        drop = drop_all[offset:offset + n]
+        noise = noise_all[offset:offset + n]
+        mask = batch.get("mask")
+        mask = mask.to(self.device) if isinstance(mask, torch.Tensor) else None
+        extra = {}
+        if c.loss.mask_ratio > 0:
+            extra = {"mask_ratio": c.loss.mask_ratio,
+                     "generator": torch.Generator(device=self.device).manual_seed(
+                         (c.train.seed * 7919 + self.step * 131 + offset) % (2**63 - 1))}
+        sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.train.precision == "bf16")
+        with sync:
+            with autocast:
+                text = {k: batch[k] for k in ("text", "text_mask", "caption") if k in batch}
+                loss, per_sample = self.wrapped(x0, sigma, noise, text, drop, self.weighting, c.loss.reduction, mask,
+                                                **extra)
+            (loss / accumulation).backward()
+        return loss.detach(), per_sample.detach(), sigma.detach()
+
+    def train_step(self, micro_batches: list[tuple[int, dict]]) -> dict[str, Any]:
+        c = self.config
+        set_lr(self.optimizer, lr_factor(self.step, total_steps=c.train.steps, schedule=c.optim.schedule,
+                                         warmup_steps=c.optim.warmup_steps, final_lr_ratio=c.optim.final_lr_ratio))
+        cpu_gen, noise_gen = step_generators(c.train.seed, self.step, self.device)
+        sigma_all = self.noise_dist.sample(self._global_batch, generator=cpu_gen)
+        drop_all = torch.rand(self._global_batch, generator=cpu_gen) < c.loss.caption_dropout
+        noise_all = torch.randn((self._global_batch, *self.latent_shape), generator=noise_gen, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, per_samples, sigmas = [], [], []
+        for k, (offset, batch) in enumerate(micro_batches):
+            if batch is None:
+                continue
+            loss, per_sample, sigma = self._micro_step(offset, batch, sigma_all, drop_all, noise_all,
+                                                       k == len(micro_batches) - 1, len(micro_batches))
+            losses.append(loss)
+            per_samples.append(per_sample)
+            sigmas.append(sigma)
+        loss = all_reduce_mean(torch.stack(losses).mean().float(), self.dist)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(self._divergence_message(float(loss)))
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip)
+                     if c.optim.grad_clip else _grad_norm(self.trainable))
+        self.optimizer.step()
+        self.ema.update(self.step)
+        self.step += 1
+        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
+                "per_sample": torch.cat(per_samples).float().cpu(), "sigma": torch.cat(sigmas).float().cpu(),
+                "images": sum(int(b["latent" if "latent" in b else "image"].shape[0])
+                              for _, b in micro_batches if b is not None) * self.dist.world_size}
+
+    def _divergence_message(self, value: float) -> str:
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(self.out)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return (f"step {self.step}: the loss is {value}; training stopped before this step reached a checkpoint "
+                f"({where}). Lower optim.lr, set optim.grad_clip, or use train.precision=fp32, then "
+                "resume with --resume auto")
+
+    # -- the loop
+    def fit(self, resume: str | None = "auto") -> dict[str, Any]:
+        c = self.config
+        self._global_batch = c.train.batch_size
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.out / "config.yaml")
+        barrier(self.dist)
+        resumed_from = resolve_resume(self.out, resume)
+        if resumed_from is not None:
+            self.load_state_dict(load_state(resumed_from))
+        resumed_step = self.step
+        monitor = Monitor(self.out, c.log, self.dist.is_main, total_steps=c.train.steps, start_step=self.step)
+        if resumed_from is not None:
+            monitor.note(f"resumed from {resumed_from} at step {self.step}")
+        elif self.init_report:
+            monitor.note(f"initialised from {self.init_report['init_from']} ({self.init_report['loaded']} tensors, "
+                         f"{len(self.init_report['ignored'])} ignored)")
+        self.module.train()
+        if self.module.text_encoder is None and isinstance(self.text_encoder, nn.Module):
+            self.text_encoder.eval()
+        start = time.perf_counter()
+        try:
+            for micro_batches in self.data.steps(self.step, c.train.steps):
+                metrics = self.train_step(micro_batches)
+                monitor.record(self.step, metrics)
+                if c.log.sample_every and self.step % c.log.sample_every == 0 and self.step < c.train.steps:
+                    self._sample_grid(monitor)
+                if c.checkpoint.every and self.step % c.checkpoint.every == 0 and self.step < c.train.steps:
+                    self.checkpoint()
+            if resumed_from is None or self.step > resumed_step or not (self.out / "pipeline").is_dir():
+                self.checkpoint()
+            if c.log.sample_prompts:
+                self._sample_grid(monitor)
+        finally:
+            monitor.close()
+            if self._owns_dist:
+                teardown(self.dist)
+        return {"steps": self.step, "seconds": time.perf_counter() - start, "out": str(self.out),
+                "pipeline": str(self.out / "pipeline"), **monitor.summary()}
+
+    def _sample_grid(self, monitor: Monitor) -> None:
+        if not (self.dist.is_main and self.config.log.sample_prompts):
+            return
+        pipe = self.ema_pipeline()
+        with torch.autocast(self.device.type, enabled=False):
+            images = pipe.generate(prompt=list(self.config.log.sample_prompts), seed=self.config.log.sample_seed)
+        monitor.images(self.step, images, list(self.config.log.sample_prompts))
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.tensor(0.0)
+
+
+def train(config: RunConfig, out: str | Path, resume: str | None = "auto") -> dict[str, Any]:
+    """Run one training stage into ``out``; returns a summary (steps, seconds, final loss, paths)."""
+    return Trainer(config, out).fit(resume)
+
+
+__all__ = ["Trainer", "TrainModule", "TrainingDiverged", "train", "build_backbone", "load_init_weights",
+           "step_generators", "caption_layout"]
