@@ -30,13 +30,13 @@ def test_every_subcommand_has_help(name):
 
 
 def test_planned_subcommands_say_so_in_one_line():
-    out = _run("train")
+    out = _run("eval")
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "issue #6" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "issue #8" in out.stderr
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    out = _run("demo", "--out", str(tmp_path / "run"), "--steps", "400", "--samples", "600", "--no-progress")
+def test_toy_demo_runs_end_to_end(tmp_path):
+    out = _run("demo", "--toy", "--out", str(tmp_path / "run"), "--steps", "400", "--samples", "600", "--no-progress")
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     for name in ["samples.png", "loss.png", "metrics.csv", "metrics.json", "model.safetensors", "config.json"]:

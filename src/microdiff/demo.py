@@ -1,121 +1,163 @@
-"""The smoke demo: the diffusion core end to end on a 2-D distribution, in under a minute on a CPU.
+"""The embedded default (`microdiff demo`): text-to-image on the built-in shapes data, on a CPU, in minutes.
 
-Train a small MLP denoiser (EDM preconditioning) on a Gaussian mixture whose exact denoiser is
-known, sample it with every sampler, and compare each result with exact samples (sliced W1), next
-to the same samplers driven by the exact denoiser. Writes pictures and tables to the run folder.
-The text-to-image demo on the built-in shapes dataset replaces this once the trainer lands.
+1. train the demo config (``configs/demo.yaml``: a pixel-space MicroDiT with a built-in text
+   encoder trained jointly, 32 px, one large object per image) with ``microdiff train``'s engine;
+2. sample every colour x shape prompt (6 x 3 = 18) with 4 seeds from the EMA pipeline;
+3. score prompt alignment with a checker that reads the pixels (``eval.shapes_checker``; its own
+   accuracy on held-out real images is reported beside it) and a pixel-space Fréchet distance
+   to held-out real images (with the real-vs-real distance at the same sample size as its floor).
+
+Everything lands in one run folder (the layout is printed at the end)::
+
+    grid.png  samples/*.png  samples.jsonl  alignment.csv  metrics.json  loss.png
+    pipeline/  (microdiff sample --checkpoint RUN/pipeline "a green triangle")
+    checkpoints/ metrics.jsonl tensorboard/ config.yaml   (the training run itself)
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import time
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from microdiff.data.mixture import GaussianMixture
-from microdiff.diffusion import samplers, schedules
-from microdiff.diffusion.denoiser import EDM, Denoiser
-from microdiff.diffusion.noise import LogNormal
-from microdiff.diffusion.toy_training import train_denoiser
-from microdiff.eval.distances import sliced_wasserstein
-from microdiff.models import MLPBackbone
-from microdiff.utils.plots import line_plot, scatter_panels
-
-# sampler, steps, options: roughly equal denoiser-call budgets (heun uses 2 calls a step)
-DEMO_SAMPLERS = [
-    ("euler", 32, {}),
-    ("heun", 16, {}),
-    ("dpmpp_2m", 32, {}),
-    ("dpmpp_3m", 32, {}),
-    ("ddim", 32, {"eta": 0.0}),
-    ("euler_ancestral", 32, {}),
-    ("dpmpp_3m_sde", 32, {"eta": 1.0}),
-]
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle")
+SEEDS = (0, 1000, 2000, 3000)  # image k of a prompt list uses seed + k
 
 
-def demo_mixture() -> GaussianMixture:
-    """Eight blobs on a circle of radius 2 and one in the middle."""
-    ring = GaussianMixture.ring(8, radius=2.0, std=0.12)
-    means = torch.cat([ring.means, torch.zeros(1, 2, dtype=torch.float64)])
-    return GaussianMixture(means, [0.12] * 8 + [0.25], [1.0] * 8 + [2.0])
+def demo_prompts() -> list[str]:
+    return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c in COLOURS for s in SHAPES]
 
 
-def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, seed: int = 0,
-                   progress: bool = True) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    mixture = demo_mixture()
-    data_std = float(mixture.sample(100_000, torch.Generator().manual_seed(seed)).std())
-    param = EDM(sigma_data=round(data_std, 3))
-    backbone = MLPBackbone(dim=2, hidden=128, depth=3)
-    denoiser = Denoiser(backbone, param)
-    noise = LogNormal(p_mean=-0.4, p_std=1.4)
+def demo_config_path() -> Path:
+    return Path(str(resources.files("microdiff") / "configs" / "demo.yaml"))
 
-    print(f"[1/3] training an MLP denoiser ({sum(p.numel() for p in backbone.parameters()):,} "
-          f"parameters, EDM sigma_data={param.sigma_data}) for {steps} steps")
-    trained = train_denoiser(denoiser, lambda n, g: mixture.sample(n, g), noise, steps=steps,
-                             batch_size=512, lr=2e-3, seed=seed, progress=progress)
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, out / "model.safetensors")
-    config = {"backbone": {"name": "mlp", **backbone.config}, "parameterization": param.config(),
-              "noise": noise.config(), "train_steps": steps, "seed": seed}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
 
-    print(f"[2/3] sampling {n_samples} points with {len(DEMO_SAMPLERS)} samplers")
-    reference = mixture.sample(n_samples, torch.Generator().manual_seed(seed + 1))
-    rows, panels = [], [("data (exact samples)", reference.numpy())]
-    denoiser.eval()
-    for name, n_steps, options in DEMO_SAMPLERS:
-        sigmas = schedules.karras(n_steps, 0.002, 80.0)
-        for model_name, model in (("trained", denoiser), ("exact", mixture.denoise)):
-            g = torch.Generator().manual_seed(seed + 2)
-            x = torch.randn(n_samples, 2, generator=g) * sigmas[0]
-            start = time.perf_counter()
-            extra = {"generator": g} if name in samplers.STOCHASTIC else {}
-            with torch.inference_mode():
-                sample = samplers.get_sampler(name)(model, x, sigmas, disable=True, **options, **extra)
-            seconds = time.perf_counter() - start
-            sw = sliced_wasserstein(sample, reference, 128, torch.Generator().manual_seed(0), p=1)
-            rows.append({"sampler": name, "steps": n_steps, "denoiser_calls": samplers.denoiser_calls(name, n_steps),
-                         "model": model_name, "sliced_w1": round(sw, 5), "seconds": round(seconds, 3)})
-            if model_name == "trained":
-                panels.append((f"{name}, {n_steps} steps", sample.numpy()))
+def held_out(n: int, resolution: int, vocabulary: dict[str, Any], seed: int = 12345) -> tuple[torch.Tensor, list[str]]:
+    from .data.shapes import ShapesDataset
 
-    print("[3/3] writing pictures and tables")
-    scatter_panels(panels, out / "samples.png")
-    line_plot({"loss": (np.arange(len(trained.losses)), _smooth(trained.losses))}, out / "loss.png",
-              title="training loss (EDM-weighted, smoothed)", xlabel="step", ylabel="loss", logy=True)
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    data = ShapesDataset(n, resolution=resolution, seed=seed, **vocabulary)
+    items = [data[i] for i in range(n)]
+    return (torch.stack([it["image"] for it in items]) + 1) / 2, [it["caption"] for it in items]
+
+
+def sample_prompts(pipe, prompts: list[str], seeds: tuple[int, ...], batch_size: int = 64) -> tuple[torch.Tensor, list[dict]]:
+    images, rows = [], []
+    for seed in seeds:
+        images.append(pipe.generate(prompt=prompts, seed=seed, batch_size=batch_size))
+        rows += [{"prompt": p, "seed": seed + k} for k, p in enumerate(prompts)]
+    return torch.cat(images), rows
+
+
+def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_samples: int = 500) -> dict[str, Any]:
+    from .eval.frechet import frechet_distance_from_features, pixel_features
+    from .eval.shapes_checker import prompt_alignment
+    from .utils.grids import captioned_grid
+
+    prompts = demo_prompts()
+    images, rows = sample_prompts(pipe, prompts, SEEDS)
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(pipe.defaults).items()}
+    with open(out / "samples.jsonl", "w") as f:
+        for img, row in zip(pipe.to_pil(images), rows):
+            name = f"{row['prompt'].split(' ', 1)[1].replace(' ', '-')}-seed{row['seed']}.png"
+            img.save(folder / name)
+            f.write(json.dumps({"file": f"samples/{name}", **row, **settings}) + "\n")
+    # grid: one row per colour, columns = 3 shapes x 4 seeds
+    order = [s * len(prompts) + p for p in range(len(prompts)) for s in range(len(SEEDS))]
+    captioned_grid(images[order], [rows[i]["prompt"] for i in order], columns=len(SHAPES) * len(SEEDS),
+                   cell=64).save(out / "grid.png")
+
+    judged = prompt_alignment(images, [r["prompt"] for r in rows])
+    with open(out / "alignment.csv", "w", newline="") as f:
+        fields = ["prompt", "seed", "colour", "shape", "match"]
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
-    summary = {"train_seconds": round(trained.seconds, 2), "final_loss": float(np.mean(trained.losses[-100:])),
-               "null_sliced_w1": round(sliced_wasserstein(mixture.sample(n_samples, torch.Generator().manual_seed(seed + 3)),
-                                                          reference, 128, torch.Generator().manual_seed(0), p=1), 5),
-               "samplers": rows}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    _print_table(rows, summary)
-    print(f"\nwrote {out}/samples.png, loss.png, metrics.csv, metrics.json, model.safetensors, config.json")
-    return summary
+        for row, item in zip(rows, judged["items"]):
+            writer.writerow({"prompt": row["prompt"], "seed": row["seed"], "colour": item.get("colour"),
+                             "shape": item.get("shape"), "match": item.get("match")})
+
+    real, captions = held_out(max(fd_samples, 2 * len(images)), resolution, vocabulary)
+    checker_on_real = prompt_alignment(real[:fd_samples], captions[:fd_samples])["alignment"]
+    # FD: generated images for held-out captions vs other held-out real images; the floor is two real sets
+    gen_fd, _ = sample_prompts(pipe, captions[:fd_samples], (777,))
+    real_a = held_out(fd_samples, resolution, vocabulary, seed=54321)[0]
+    fd = frechet_distance_from_features(pixel_features(gen_fd), pixel_features(real_a))
+    fd_floor = frechet_distance_from_features(pixel_features(real[:fd_samples]), pixel_features(real_a))
+    return {"alignment": judged["alignment"], "colour_accuracy": judged["colour_accuracy"],
+            "shape_accuracy": judged["shape_accuracy"], "n_samples": judged["n"], "prompts": len(prompts),
+            "seeds": list(SEEDS), "checker_accuracy_on_real": checker_on_real,
+            "fd_pixel": fd, "fd_pixel_real_vs_real": fd_floor, "fd_samples": fd_samples}
 
 
-def _smooth(values, window: int = 50) -> np.ndarray:
-    v = np.asarray(values, float)
-    if len(v) < window:
-        return v
-    return np.convolve(v, np.ones(window) / window, mode="valid")
+def run_demo(out: str | Path, overrides: list[str] = (), progress: bool = True, fd_samples: int = 500) -> dict[str, Any]:
+    from .train.config import load_config
+    from .train.trainer import Trainer
+
+    out = Path(out)
+    start = time.perf_counter()
+    config = load_config(demo_config_path(), [*overrides, *([] if progress else ["log.progress=false"])])
+    print(f"[1/3] training {config.model.backbone} ({config.train.steps} steps, batch {config.train.batch_size}, "
+          f"{config.data.resolution} px) on {config.data.source} into {out}", flush=True)
+    trainer = Trainer(config, out)
+    summary = trainer.fit(resume="auto")
+    train_seconds = time.perf_counter() - start
+    print(f"[2/3] sampling {len(demo_prompts())} prompts x {len(SEEDS)} seeds from the EMA pipeline", flush=True)
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(out / "pipeline")
+    print("[3/3] scoring prompt alignment (pixel checker) and Fréchet distance to held-out images", flush=True)
+    metrics = evaluate(pipe, out, config.data.resolution, dict(config.data.vocabulary), fd_samples)
+    metrics.update(train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - start, 1),
+                   steps=summary["steps"], final_loss=summary["final_loss"], threads=torch.get_num_threads(),
+                   config=str(out / "config.yaml"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"\nprompt alignment {metrics['alignment']:.1%} (colour {metrics['colour_accuracy']:.1%}, shape "
+          f"{metrics['shape_accuracy']:.1%}) over {metrics['n_samples']} samples; the checker scores "
+          f"{metrics['checker_accuracy_on_real']:.1%} on real images")
+    print(f"pixel FD to held-out images {metrics['fd_pixel']:.2f} (real vs real: {metrics['fd_pixel_real_vs_real']:.2f}); "
+          f"{metrics['total_seconds']:.0f} s in all ({metrics['train_seconds']:.0f} s training)")
+    print(f"wrote {out}/grid.png, samples/, samples.jsonl, alignment.csv, metrics.json, loss.png, pipeline/")
+    print(f'next: microdiff sample --checkpoint {out}/pipeline "a green triangle" --grid -n 8')
+    return metrics
 
 
-def _print_table(rows, summary) -> None:
-    print(f"\ntrained in {summary['train_seconds']} s; sliced W1 to exact samples "
-          f"(two exact sets differ by {summary['null_sliced_w1']}):")
-    print(f"{'sampler':<16}{'steps':>6}{'calls':>7}{'trained':>10}{'exact D':>10}")
-    by_key = {(r["sampler"], r["model"]): r for r in rows}
-    for name, n_steps, _ in DEMO_SAMPLERS:
-        t, e = by_key[(name, "trained")], by_key[(name, "exact")]
-        print(f"{name:<16}{n_steps:>6}{t['denoiser_calls']:>7}{t['sliced_w1']:>10.4f}{e['sliced_w1']:>10.4f}")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of configs/demo.yaml, e.g. train.steps=4000 data.resolution=64")
+    parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
+    parser.add_argument("--resolution", type=int, help="image side in px (default: the config's 32)")
+    parser.add_argument("--device", help="cpu, cuda, auto (default: the config's auto)")
+    parser.add_argument("--fd-samples", type=int, default=500, help="images per set for the Fréchet distance")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--samples", type=int, default=4000, help="--toy only: points per sampler")
+    parser.add_argument("--toy", action="store_true",
+                        help="instead: the 2-D sampler comparison (every sampler vs exact samples, < 1 min)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.toy:
+        from .toy_demo import run_smoke_demo
+
+        run_smoke_demo(args.out, steps=args.steps or 3000, n_samples=args.samples, progress=not args.no_progress)
+        return 0
+    overrides = list(args.overrides)
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if args.resolution:
+        overrides.append(f"data.resolution={args.resolution}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    run_demo(args.out, overrides, progress=not args.no_progress, fd_samples=args.fd_samples)
+    return 0
+
+
+__all__ = ["run_demo", "demo_prompts", "evaluate", "held_out", "add_arguments", "run"]

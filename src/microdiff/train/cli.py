@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(summaries, indent=2, default=str))
             return 0
         config = load_config(path, list(args.overrides))
-    except ConfigError as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"microdiff train: {err}") from None
     from .trainer import TrainingDiverged, train
 
     try:
         summary = train(config, out, args.resume)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, ConfigError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"microdiff train: {err}") from None
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; final loss {summary['final_loss']}; "
           f"pipeline: {summary['pipeline']}  (try: microdiff sample --checkpoint {summary['pipeline']} \"...\")")

@@ -64,7 +64,7 @@ def is_shard_folder(source: str) -> bool:
 
 def build_map_dataset(config: DataConfig):
     """The map-style dataset ``config.source`` names."""
-    source = config.source
+    source = config.source  # mds:ROOT[,ROOT...] reads several MDS folders as one dataset
     if source.startswith("shapes:"):
         from ..data.shapes import ShapesDataset
 
@@ -78,7 +78,7 @@ def build_map_dataset(config: DataConfig):
     if source.startswith("mds:"):
         from ..data.mds import MDSLatentDataset
 
-        return MDSLatentDataset(source[4:], resolution=config.resolution)
+        return MDSLatentDataset([r for r in source[4:].split(",") if r], resolution=config.resolution)
     from ..data.captioned import make_dataset
 
     return make_dataset(source, resolution=config.resolution)

@@ -86,6 +86,28 @@ class TrainModule(nn.Module):
         self.parameterization = parameterization
         self.layout, self.caption_mask = layout, caption_mask
         self.__dict__["compiled"] = None  # torch.compile'd backbone (shares the parameters)
+        self.__dict__["caption_cache"] = {}  # caption -> (states, mask) of its real tokens, frozen encoders only
+
+    def _frozen_states(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frozen encoder's states for ``captions``, each caption encoded once per run; used only when
+        the backbone masks the padding (``caption_mask``), so the padding's length and values do not matter."""
+        cache = self.caption_cache
+        missing = sorted({c for c in captions if c not in cache})
+        if missing:
+            with torch.no_grad():
+                enc = self.frozen_text_encoder.encode(missing)
+            length = enc.mask.sum(1)
+            for k, caption in enumerate(missing):
+                n = max(int(length[k]), 1)
+                cache[caption] = (enc.states[k, :n].float().cpu(), enc.mask[k, :n].cpu())
+        longest = max(cache[c][0].shape[0] for c in captions)
+        dim = cache[captions[0]][0].shape[1]
+        states = torch.zeros(len(captions), longest, dim)
+        mask = torch.zeros(len(captions), longest, dtype=torch.bool)
+        for i, c in enumerate(captions):
+            s, m = cache[c]
+            states[i, :s.shape[0]], mask[i, :m.shape[0]] = s, m
+        return states.to(device), mask.to(device)
 
     def condition(self, text: dict[str, Any], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """Backbone caption inputs from precomputed states (``text``/``text_mask``) or raw ``caption``s;
@@ -93,7 +115,9 @@ class TrainModule(nn.Module):
         device = next(self.backbone.parameters()).device
         if "text" in text:
             states, mask = text["text"].to(device), text["text_mask"].to(device)
-        else:
+        elif self.text_encoder is None and self.caption_mask:
+            states, mask = self._frozen_states(list(text["caption"]), device)
+        else:  # a trainable encoder, or a frozen one whose padding states the backbone sees (no mask)
             encoder = self.text_encoder if self.text_encoder is not None else self.frozen_text_encoder
             with torch.set_grad_enabled(self.text_encoder is not None and torch.is_grad_enabled()):
                 enc = encoder.encode(list(text["caption"]))
@@ -365,6 +389,8 @@ class Trainer:
             raise TrainingDiverged(self._divergence_message(float(loss)))
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip)
                      if c.optim.grad_clip else _grad_norm(self.trainable))
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(self._divergence_message(float(grad_norm), "gradient norm"))
         self.optimizer.step()
         self.ema.update(self.step)
         self.step += 1
@@ -373,12 +399,12 @@ class Trainer:
                 "images": sum(int(b["latent" if "latent" in b else "image"].shape[0])
                               for _, b in micro_batches if b is not None) * self.dist.world_size}
 
-    def _divergence_message(self, value: float) -> str:
+    def _divergence_message(self, value: float, what: str = "loss") -> str:
         from .checkpoint import latest_checkpoint
 
         last = latest_checkpoint(self.out)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"step {self.step}: the loss is {value}; training stopped before this step reached a checkpoint "
+        return (f"step {self.step}: the {what} is {value}; training stopped before this step reached a checkpoint "
                 f"({where}). Lower optim.lr, set optim.grad_clip, or use train.precision=fp32, then "
                 "resume with --resume auto")
 
