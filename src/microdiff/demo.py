@@ -47,21 +47,23 @@ def held_out(n: int, resolution: int, vocabulary: dict[str, Any], seed: int = 12
     return (torch.stack([it["image"] for it in items]) + 1) / 2, [it["caption"] for it in items]
 
 
-def sample_prompts(pipe, prompts: list[str], seeds: tuple[int, ...], batch_size: int = 64) -> tuple[torch.Tensor, list[dict]]:
+def sample_prompts(pipe, prompts: list[str], seeds: tuple[int, ...], batch_size: int = 64,
+                   progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
     images, rows = [], []
     for seed in seeds:
-        images.append(pipe.generate(prompt=prompts, seed=seed, batch_size=batch_size))
+        images.append(pipe.generate(prompt=prompts, seed=seed, batch_size=batch_size, progress=progress))
         rows += [{"prompt": p, "seed": seed + k} for k, p in enumerate(prompts)]
     return torch.cat(images), rows
 
 
-def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_samples: int = 500) -> dict[str, Any]:
+def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_samples: int = 200,
+             progress: bool = True) -> dict[str, Any]:
     from .eval.frechet import frechet_distance_from_features, pixel_features
     from .eval.shapes_checker import prompt_alignment
     from .utils.grids import captioned_grid
 
     prompts = demo_prompts()
-    images, rows = sample_prompts(pipe, prompts, SEEDS)
+    images, rows = sample_prompts(pipe, prompts, SEEDS, progress=progress)
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(pipe.defaults).items()}
@@ -81,13 +83,13 @@ def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_sa
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row, item in zip(rows, judged["items"]):
-            writer.writerow({"prompt": row["prompt"], "seed": row["seed"], "colour": item.get("colour"),
-                             "shape": item.get("shape"), "match": item.get("match")})
+            writer.writerow({"prompt": row["prompt"], "seed": row["seed"], "colour": item["judged"]["colour"],
+                             "shape": item["judged"]["shape"], "match": item["aligned"]})
 
     real, captions = held_out(max(fd_samples, 2 * len(images)), resolution, vocabulary)
     checker_on_real = prompt_alignment(real[:fd_samples], captions[:fd_samples])["alignment"]
     # FD: generated images for held-out captions vs other held-out real images; the floor is two real sets
-    gen_fd, _ = sample_prompts(pipe, captions[:fd_samples], (777,))
+    gen_fd, _ = sample_prompts(pipe, captions[:fd_samples], (777,), progress=progress)
     real_a = held_out(fd_samples, resolution, vocabulary, seed=54321)[0]
     fd = frechet_distance_from_features(pixel_features(gen_fd), pixel_features(real_a))
     fd_floor = frechet_distance_from_features(pixel_features(real[:fd_samples]), pixel_features(real_a))
@@ -97,7 +99,7 @@ def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_sa
             "fd_pixel": fd, "fd_pixel_real_vs_real": fd_floor, "fd_samples": fd_samples}
 
 
-def run_demo(out: str | Path, overrides: list[str] = (), progress: bool = True, fd_samples: int = 500) -> dict[str, Any]:
+def run_demo(out: str | Path, overrides: list[str] = (), progress: bool = True, fd_samples: int = 200) -> dict[str, Any]:
     from .train.config import load_config
     from .train.trainer import Trainer
 
@@ -114,7 +116,7 @@ def run_demo(out: str | Path, overrides: list[str] = (), progress: bool = True, 
 
     pipe = Pipeline.from_pretrained(out / "pipeline")
     print("[3/3] scoring prompt alignment (pixel checker) and Fréchet distance to held-out images", flush=True)
-    metrics = evaluate(pipe, out, config.data.resolution, dict(config.data.vocabulary), fd_samples)
+    metrics = evaluate(pipe, out, config.data.resolution, dict(config.data.vocabulary), fd_samples, progress)
     metrics.update(train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - start, 1),
                    steps=summary["steps"], final_loss=summary["final_loss"], threads=torch.get_num_threads(),
                    config=str(out / "config.yaml"))
@@ -136,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--resolution", type=int, help="image side in px (default: the config's 32)")
     parser.add_argument("--device", help="cpu, cuda, auto (default: the config's auto)")
-    parser.add_argument("--fd-samples", type=int, default=500, help="images per set for the Fréchet distance")
+    parser.add_argument("--fd-samples", type=int, default=200,
+                        help="images per set for the pixel Fréchet distance (default: 200)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--samples", type=int, default=4000, help="--toy only: points per sampler")
     parser.add_argument("--toy", action="store_true",
