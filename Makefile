@@ -24,6 +24,7 @@ bench: setup
 	$(PY) benchmarks/models.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -5,9 +5,9 @@ Each case builds a Trainer from a config (synthetic precomputed latents are not 
 timed on batches drawn from the built-in shapes data at the case's resolution, or random latents
 for latent models), runs --warmup steps, then times --steps steps.
 
-MFU = (forward FLOPs per image x 3, for forward + backward) x images/s / peak FLOP/s of the device
-(--peak-tflops; default 989 for an H100 in bf16 dense, or measured from a large matmul on CPUs).
-Forward FLOPs are counted with torch's FlopCounterMode on one batch.
+MFU = (forward + backward FLOPs per image, counted with torch's FlopCounterMode on one micro-batch)
+x images/s / peak FLOP/s of the device (--peak-tflops; default 989 for an H100 in bf16 dense, or
+the best rate of a 2048^3 fp32 matmul on CPUs).
 
 Usage:
   python benchmarks/training.py                         # CPU: small presets
@@ -40,7 +40,7 @@ from microdiff.train.trainer import Trainer  # noqa: E402
 
 def cpu_cases() -> list[dict]:
     return [
-        {"case": "demo (MicroDiT patch 4, 32 px pixels)", "overrides": []},
+        {"case": "demo config (UNet, 32 px, MiniLM captions; first epoch: rendering + caption encoding included)", "overrides": []},
         {"case": "MicroDiT_Nano_2 32 px, mask 0.5", "overrides": ["model.backbone=MicroDiT_Nano_2", "model.options={}",
                                                                  "loss.mask_ratio=0.5"]},
         {"case": "UNet_Small 32 px", "overrides": ["model.backbone=UNet_Small", "model.options={}"]},
@@ -74,12 +74,14 @@ def random_latent_batches(batch: int, channels: int, side: int):
         yield [(0, {"image": torch.randn(batch, channels, side, side), "caption": ["a photograph"] * batch})]
 
 
-def forward_flops(trainer: Trainer, micro) -> float:
+def step_flops(trainer: Trainer, micro) -> float:
+    """Forward + backward FLOPs per image of one micro-batch, counted (not estimated)."""
     offset, batch = micro[0]
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter:
         trainer._micro_step(offset, batch, trainer.noise_dist.sample(trainer._global_batch),
                             torch.zeros(trainer._global_batch, dtype=torch.bool),
                             torch.randn((trainer._global_batch, *trainer.latent_shape), device=trainer.device), True, 1)
+    trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["image" if "image" in batch else "latent"].shape[0]
 
 
@@ -88,13 +90,15 @@ def peak_flops(device: torch.device, given: float | None) -> float:
         return given * 1e12
     if device.type == "cuda":
         return 989e12
-    a = torch.randn(1024, 1024)
-    for _ in range(3):
-        a @ a
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    return 10 * 2 * 1024**3 / (time.perf_counter() - t)
+    a = torch.randn(2048, 2048)
+    a @ a
+    best = 0.0
+    for _ in range(5):  # the best of 5 rounds: the machine's attainable fp32 matmul rate
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        best = max(best, 3 * 2 * 2048**3 / (time.perf_counter() - t))
+    return best
 
 
 def time_case(case: dict, device: str, warmup: int, steps: int, tmp: Path) -> dict:
@@ -112,7 +116,7 @@ def time_case(case: dict, device: str, warmup: int, steps: int, tmp: Path) -> di
         batches = trainer.data.steps(0, warmup + steps + 1)
     dev = trainer.device
     first = next(batches)
-    flops = forward_flops(trainer, first)
+    flops = step_flops(trainer, first)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
@@ -129,7 +133,7 @@ def time_case(case: dict, device: str, warmup: int, steps: int, tmp: Path) -> di
     rate = images / seconds
     row = {"case": case["case"], "params_M": round(sum(p.numel() for p in trainer.module.parameters()) / 1e6, 2),
            "batch": config.train.batch_size, "images_per_s": round(rate, 1),
-           "fwd_GFLOPs_per_img": round(flops / 1e9, 3), "train_TFLOP_s": round(3 * flops * rate / 1e12, 3)}
+           "train_GFLOPs_per_img": round(flops / 1e9, 3), "train_TFLOP_s": round(flops * rate / 1e12, 4)}
     if dev.type == "cuda":
         row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     else:
