@@ -34,7 +34,7 @@ def _torchrun(config, out, *extra):
     return proc
 
 
-@pytest.mark.parametrize("strategy", ["ddp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, strategy):
     config = write_config(tmp_path / "c.yaml", train={"steps": STEPS, "batch_size": 8, "micro_batch_size": 4},
                           loss={"mask_ratio": 0.5, "caption_dropout": 0.25}, checkpoint={"every": 3},

@@ -69,7 +69,16 @@ class EMA:
         self.updates = int(state["updates"])
         for d in self.decays:
             for n, t in state["shadows"][str(d)].items():
-                self.shadows[d][n].copy_(t)
+                _copy_into(self.shadows[d][n], t)
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a full tensor into ``dst``, which may be an FSDP2 DTensor shard."""
+    if hasattr(dst, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
+    dst.copy_(src)
 
 
 __all__ = ["EMA", "ema_decay"]

@@ -19,7 +19,6 @@ so a run killed at any point and resumed computes the same losses as an uninterr
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import json
 import random
@@ -271,38 +270,62 @@ class Trainer:
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    # -- state
+    # -- state (FSDP-sharded tensors are gathered to full ones: every rank must call these)
+    @property
+    def sharded(self) -> bool:
+        return self.dist.distributed and self.config.distributed.strategy == "fsdp"
+
+    def full_ema_weights(self) -> dict[str, torch.Tensor]:
+        return {k: _full(v) for k, v in self.ema.weights(self.config.ema.export).items()}
+
     def state_dict(self) -> dict[str, Any]:
         data_states = gather_objects(self.data.state_dict(), self.dist)
         rng_states = gather_objects(_rng_state(), self.dist)
-        return {"step": self.step, "model": self.module.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "data": data_states, "rng": rng_states,
-                "world_size": self.dist.world_size, "config": json.loads(json.dumps(to_dict(self.config)))}
+        ema = self.ema.state_dict()
+        ema["shadows"] = {d: {k: _full(v) for k, v in shadow.items()} for d, shadow in ema["shadows"].items()}
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model, optimizer = get_state_dict(self.module, self.optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            model, optimizer = self.module.state_dict(), self.optimizer.state_dict()
+        return {"step": self.step, "model": model, "ema": ema, "optimizer": optimizer, "data": data_states,
+                "rng": rng_states, "world_size": self.dist.world_size,
+                "config": json.loads(json.dumps(to_dict(self.config)))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"the checkpoint was written by {state.get('world_size')} processes and this run has "
                              f"{self.dist.world_size}: resume with the same number of processes")
-        self.module.load_state_dict(state["model"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"][self.dist.rank])
         _set_rng_state(state["rng"][self.dist.rank])
 
     # -- export
-    def ema_pipeline(self):
-        """A Pipeline holding the exported EMA weights (a copy; training weights are untouched)."""
+    def ema_pipeline(self, weights: dict[str, torch.Tensor] | None = None):
+        """A Pipeline holding the exported EMA weights (full tensors; a fresh copy of the model)."""
         from ..pipeline import Pipeline, SamplingDefaults
 
         c = self.config
-        weights = self.ema.weights(c.ema.export)
-        backbone = copy.deepcopy(self.module.backbone).eval()
+        weights = self.full_ema_weights() if weights is None else weights
+        trained = self.module.backbone
+        backbone = _plain_class(trained)(**trained.config).to(self.device).eval()
         backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")},
                                  strict=False)
         text_encoder = self.text_encoder
         if self.module.text_encoder is not None:
-            text_encoder = copy.deepcopy(self.module.text_encoder).eval()
+            te = self.module.text_encoder
+            text_encoder = _plain_class(te)(**te.config).to(self.device).eval()
             text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
                                           if k.startswith("text_encoder.")}, strict=False)
         defaults = SamplingDefaults(sampler=c.sampling.sampler, num_inference_steps=c.sampling.steps,
@@ -312,23 +335,24 @@ class Trainer:
                                     caption_layout=self.layout)
         return Pipeline(text_encoder, self.autoencoder, Denoiser(backbone, self.param), defaults)
 
-    def save_pipeline(self) -> Path:
-        final = self.out / "pipeline"
-        tmp = self.out / ".tmp-pipeline"
+    def save_pipeline(self, weights: dict[str, torch.Tensor] | None = None) -> Path:
         import shutil
 
+        final = self.out / "pipeline"
+        tmp = self.out / ".tmp-pipeline"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.ema_pipeline().save_pretrained(tmp)
+        self.ema_pipeline(weights).save_pretrained(tmp)
         replace_dir(tmp, final)
         return final
 
     def checkpoint(self) -> Path | None:
         state = self.state_dict()  # every rank takes part (gathers)
+        weights = self.full_ema_weights() if self.config.checkpoint.pipeline else None
         path = None
         if self.dist.is_main:
             path = save_checkpoint(self.out, self.step, state, self.config.checkpoint.keep_last)
-            if self.config.checkpoint.pipeline:
-                self.save_pipeline()
+            if weights is not None:
+                self.save_pipeline(weights)
         barrier(self.dist)
         return path
 
@@ -450,12 +474,25 @@ class Trainer:
                 "pipeline": str(self.out / "pipeline"), **monitor.summary()}
 
     def _sample_grid(self, monitor: Monitor) -> None:
-        if not (self.dist.is_main and self.config.log.sample_prompts):
+        if not self.config.log.sample_prompts:
             return
-        pipe = self.ema_pipeline()
+        weights = self.full_ema_weights()  # every rank (FSDP gathers)
+        if not self.dist.is_main:
+            return
+        pipe = self.ema_pipeline(weights)
         with torch.autocast(self.device.type, enabled=False):
             images = pipe.generate(prompt=list(self.config.log.sample_prompts), seed=self.config.log.sample_seed)
         monitor.images(self.step, images, list(self.config.log.sample_prompts))
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The module's own class (FSDP2's fully_shard swaps in a subclass named FSDP<Name>)."""
+    return next(c for c in type(module).__mro__ if not c.__name__.startswith("FSDP"))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP2 DTensor shard (a collective), or ``t`` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
