@@ -212,9 +212,11 @@ class Trainer:
         self.device = self.dist.device
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        torch.manual_seed(config.train.seed + self.dist.rank)
-        random.seed(config.train.seed + self.dist.rank)
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
+        random.seed(config.train.seed)
         self._build()
+        torch.manual_seed(config.train.seed + self.dist.rank)  # then each rank its own stream (dropout, workers)
+        random.seed(config.train.seed + self.dist.rank)
 
     # -- setup
     def _build(self) -> None:
