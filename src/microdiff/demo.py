@@ -66,7 +66,7 @@ def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_sa
     images, rows = sample_prompts(pipe, prompts, SEEDS, progress=progress)
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(pipe.defaults).items()}
+    settings = dict(vars(pipe.defaults))
     with open(out / "samples.jsonl", "w") as f:
         for img, row in zip(pipe.to_pil(images), rows):
             name = f"{row['prompt'].split(' ', 1)[1].replace(' ', '-')}-seed{row['seed']}.png"
@@ -86,13 +86,13 @@ def evaluate(pipe, out: Path, resolution: int, vocabulary: dict[str, Any], fd_sa
             writer.writerow({"prompt": row["prompt"], "seed": row["seed"], "colour": item["judged"]["colour"],
                              "shape": item["judged"]["shape"], "match": item["aligned"]})
 
-    real, captions = held_out(max(fd_samples, 2 * len(images)), resolution, vocabulary)
-    checker_on_real = prompt_alignment(real[:fd_samples], captions[:fd_samples])["alignment"]
+    real, captions = held_out(fd_samples, resolution, vocabulary)
+    checker_on_real = prompt_alignment(real, captions)["alignment"]
     # FD: generated images for held-out captions vs other held-out real images; the floor is two real sets
-    gen_fd, _ = sample_prompts(pipe, captions[:fd_samples], (777,), progress=progress)
+    gen_fd, _ = sample_prompts(pipe, captions, (777,), progress=progress)
     real_a = held_out(fd_samples, resolution, vocabulary, seed=54321)[0]
     fd = frechet_distance_from_features(pixel_features(gen_fd), pixel_features(real_a))
-    fd_floor = frechet_distance_from_features(pixel_features(real[:fd_samples]), pixel_features(real_a))
+    fd_floor = frechet_distance_from_features(pixel_features(real), pixel_features(real_a))
     return {"alignment": judged["alignment"], "colour_accuracy": judged["colour_accuracy"],
             "shape_accuracy": judged["shape_accuracy"], "n_samples": judged["n"], "prompts": len(prompts),
             "seeds": list(SEEDS), "checker_accuracy_on_real": checker_on_real,

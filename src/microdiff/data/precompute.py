@@ -27,31 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.devices import resolve_device, resolve_dist
 from .shards import (FORMAT, INFO_NAME, encode_sample, remove_stale_temporaries, shard_name, write_json_atomic,
                      write_shard)
 
 RECORD_FIELDS = ("image", "caption", "key", "meta")
 CHECKED = ("autoencoder", "text_encoder", "shard_size", "num_items", "dtype")
-
-
-def resolve_dist(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit values, else torchrun's env RANK / WORLD_SIZE, else 0 / 1."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: cuda:LOCAL_RANK when CUDA is there, else cpu. ``"cuda"`` means
-    cuda:LOCAL_RANK under torchrun."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

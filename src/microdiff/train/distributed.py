@@ -16,6 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..utils.devices import resolve_device, resolve_dist
+
+# FSDP2 shards each of these blocks on its own, then the rest of the model as one unit
+_SHARD_UNITS = {"DiTBlock", "UNetBlock", "TextBlock"}
+
 
 @dataclass
 class DistInfo:
@@ -34,22 +39,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+def check_device(name: str) -> torch.device:
+    """``train.device`` as a torch device (see utils.devices), refusing CUDA where there is none."""
+    device = resolve_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name}: CUDA is not available on this machine; use train.device=cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
     return device
 
 
 def setup_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = resolve_dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
+    dev = check_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     initialized_here = False
@@ -86,8 +87,6 @@ def wrap_model(module: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.M
     raise ValueError(f"distributed.strategy={strategy!r}: use ddp or fsdp")
 
 
-_SHARD_UNITS = {"DiTBlock", "UNetBlock", "TextBlock"}
-
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
@@ -112,4 +111,4 @@ def barrier(info: DistInfo) -> None:
 
 
 __all__ = ["DistInfo", "setup_distributed", "teardown", "wrap_model", "all_reduce_mean", "gather_objects",
-           "barrier", "resolve_device"]
+           "barrier", "check_device"]

@@ -45,10 +45,10 @@ class EMA:
             return
         if (step - self.start_step) % self.every:
             return
+        names = list(self.params)
+        src = [self.params[n].detach().float() for n in names]  # once for every decay
         for d, shadow in self.shadows.items():
             beta = ema_decay(d, self.updates, self.warmup)
-            names = list(self.params)
-            src = [self.params[n].detach().float() for n in names]
             torch._foreach_lerp_([shadow[n] for n in names], src, 1.0 - beta)
         self.updates += 1
 

@@ -23,6 +23,7 @@ import fnmatch
 import json
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,12 @@ class TrainModule(nn.Module):
         return result.loss, result.per_sample
 
 
+def _matches(key: str, patterns: list[str]) -> bool:
+    """``key`` (``backbone.x.y``) or its name inside its part (``x.y``) matches one of the fnmatch patterns."""
+    name = key.split(".", 1)[-1]
+    return any(fnmatch.fnmatch(key, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
 def load_init_weights(module: TrainModule, path: str, use_ema: bool, ignore: list[str]) -> dict[str, Any]:
     """Start from another run's weights (a run folder, checkpoint folder, pipeline folder or a weights
     file, e.g. micro_diffusion's): keys matching ``ignore`` keep their initial values, a MicroDiT's
@@ -163,15 +170,14 @@ def load_init_weights(module: TrainModule, path: str, use_ema: bool, ignore: lis
     else:
         raise FileNotFoundError(f"model.init_from={path}: no such run, checkpoint, pipeline folder or weights file")
     own = module.state_dict()
-    ignored = [k for k in state if any(fnmatch.fnmatch(k, p) or fnmatch.fnmatch(k.split(".", 1)[-1], p) for p in ignore)]
+    ignored = [k for k in state if _matches(k, ignore)]
     state = {k: v for k, v in state.items() if k not in ignored and k in own}
     mismatched = [k for k, v in state.items() if v.shape != own[k].shape and not k.endswith("pos_embed")]
     if mismatched:
         k = mismatched[0]
         raise ValueError(f"model.init_from={path}: {k} has shape {tuple(state[k].shape)} there and "
                          f"{tuple(own[k].shape)} here; add it to model.init_ignore_keys to keep it freshly initialised")
-    missing = [k for k in own if k not in state and not any(fnmatch.fnmatch(k, p) or fnmatch.fnmatch(k.split('.', 1)[-1], p)
-                                                            for p in ignore) and not k.endswith("pos_embed")]
+    missing = [k for k in own if k not in state and not _matches(k, ignore) and not k.endswith("pos_embed")]
     if missing:
         raise ValueError(f"model.init_from={path}: {len(missing)} weights of this model are not there (first: "
                          f"{missing[0]}); add patterns to model.init_ignore_keys to initialise them fresh")
@@ -197,7 +203,7 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.G
     """A CPU generator (sigma, dropout) and one on ``device`` (noise) for optimiser step ``step``."""
     base = (int(seed) * 1_000_003 + int(step)) % (2**63 - 1)
     cpu = torch.Generator().manual_seed(base)
-    dev = torch.Generator(device=device).manual_seed(base ^ 0x9E3779B97F4A7C15 % (2**63 - 1))
+    dev = torch.Generator(device=device).manual_seed(base ^ (0x9E3779B97F4A7C15 % (2**63 - 1)))
     return cpu, dev
 
 
@@ -330,9 +336,8 @@ class Trainer:
             text_encoder = _plain_class(te)(**te.config).to(self.device).eval()
             text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
                                           if k.startswith("text_encoder.")}, strict=False)
-        defaults = SamplingDefaults(sampler=c.sampling.sampler, num_inference_steps=c.sampling.steps,
-                                    guidance_scale=c.sampling.guidance_scale, sigma_min=c.sampling.sigma_min,
-                                    sigma_max=c.sampling.sigma_max, rho=c.sampling.rho, height=c.data.resolution,
+        sampling = {k: v for k, v in asdict(c.sampling).items() if k != "steps"}  # same names but steps
+        defaults = SamplingDefaults(**sampling, num_inference_steps=c.sampling.steps, height=c.data.resolution,
                                     width=c.data.resolution, caption_mask=c.encoders.caption_mask,
                                     caption_layout=self.layout)
         return Pipeline(text_encoder, self.autoencoder, Denoiser(backbone, self.param), defaults)
