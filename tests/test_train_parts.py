@@ -147,3 +147,24 @@ def test_stage_init_loads_weights_at_a_new_resolution_and_honours_ignore_keys(tm
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         load_init_weights(other, str(tmp_path / "missing.pt"), use_ema=True, ignore=[])
     assert math.isfinite(float(big.backbone.pos_embed.sum()))
+
+
+def test_stage_init_from_a_pipeline_folder_takes_the_trained_text_encoder_too(tmp_path):
+    from microdiff.diffusion.denoiser import EDM, Denoiser
+    from microdiff.encoders.base import IdentityAutoencoder
+    from microdiff.encoders.builtin import BuiltinTextEncoder
+    from microdiff.pipeline import Pipeline
+    from microdiff.train.trainer import TrainModule, load_init_weights
+
+    trained_te = BuiltinTextEncoder(dim=32, layers=1, heads=2, max_length=32)
+    with torch.no_grad():
+        trained_te.token_embedding.weight.add_(1.0)  # "trained": differs from the seeded init
+    dit = MicroDiT_Nano_2(in_channels=3)
+    Pipeline(trained_te, IdentityAutoencoder(), Denoiser(dit, EDM())).save_pretrained(tmp_path / "pipe")
+
+    fresh = TrainModule(MicroDiT_Nano_2(in_channels=3), EDM(), BuiltinTextEncoder(dim=32, layers=1, heads=2, max_length=32),
+                        "B1LC", True)
+    report = load_init_weights(fresh, str(tmp_path / "pipe"), use_ema=True, ignore=[])
+    assert report["loaded"] == len(fresh.state_dict())
+    torch.testing.assert_close(fresh.text_encoder.token_embedding.weight, trained_te.token_embedding.weight)
+    torch.testing.assert_close(fresh.backbone.x_embedder.proj.weight, dit.x_embedder.proj.weight)

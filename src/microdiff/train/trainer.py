@@ -156,7 +156,9 @@ def load_init_weights(module: TrainModule, path: str, use_ema: bool, ignore: lis
         from safetensors.torch import load_file
 
         state = {f"backbone.{k}": v for k, v in load_file(str(source / "denoiser.safetensors")).items()}
-        te = source / "text_encoder" / "model.safetensors"
+        from ..encoders.text_common import WEIGHTS_FILE
+
+        te = source / "text_encoder" / WEIGHTS_FILE  # a trained built-in encoder's weights
         if te.is_file():
             state.update({f"text_encoder.{k}": v for k, v in load_file(str(te)).items()})
     elif source.is_dir() or (source.is_file() and source.name == "state.pt"):
