@@ -221,7 +221,8 @@ def collate_records(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None
     """Drop skipped items (None) and stack the rest.
 
     Returns ``{"image": (B,3,R,R), "caption": [str], "key": [str], "meta": [dict], "quality": (B,)
-    (1.0 where absent), "sigma_tn": (B,) (0.0 where absent), "skipped": number dropped}``, or None
+    (1.0 where absent), "sigma_tn": (B,) (0.0 where absent), "skipped": number dropped}`` and, when
+    any record carries a pixel mask, ``"mask"`` (B, 1, R, R) (ones for records without one), or None
     when every item of the batch was skipped (a training loop should just go on to the next batch).
     """
     records = [r for r in batch if r is not None]
@@ -232,13 +233,16 @@ def collate_records(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None
         raise ValueError(f"cannot stack images of different shapes {sorted(shapes)}; use a transform that "
                          "crops to one resolution (ImageTransform)")
     metas = [r["meta"] for r in records]
-    return {"image": torch.stack([r["image"] for r in records]),
-            "caption": [r["caption"] for r in records],
-            "key": [r["key"] for r in records],
-            "meta": metas,
-            "quality": torch.tensor([float(m.get("quality", 1.0)) for m in metas], dtype=torch.float32),
-            "sigma_tn": torch.tensor([float(m.get("sigma_tn", 0.0)) for m in metas], dtype=torch.float32),
-            "skipped": len(batch) - len(records)}
+    out = {"image": torch.stack([r["image"] for r in records]),
+           "caption": [r["caption"] for r in records],
+           "key": [r["key"] for r in records],
+           "meta": metas,
+           "quality": torch.tensor([float(m.get("quality", 1.0)) for m in metas], dtype=torch.float32),
+           "sigma_tn": torch.tensor([float(m.get("sigma_tn", 0.0)) for m in metas], dtype=torch.float32),
+           "skipped": len(batch) - len(records)}
+    if any("mask" in r for r in records):
+        out["mask"] = torch.stack([r["mask"] if "mask" in r else torch.ones_like(r["image"][:1]) for r in records])
+    return out
 
 
 class _Probe(Dataset):
