@@ -185,17 +185,27 @@ class Denoiser(nn.Module):
                 return p.dtype
         return fallback
 
-    def model_output(self, x: torch.Tensor, sigma, **cond) -> tuple[Any, torch.Tensor]:
-        """Run the backbone. Returns (raw backbone output, sigma as a (B,) tensor)."""
+    def model_output(self, x: torch.Tensor, sigma, input_mask: torch.Tensor | None = None,
+                     **cond) -> tuple[Any, torch.Tensor]:
+        """Run the backbone. Returns (raw backbone output, sigma as a (B,) tensor).
+
+        ``input_mask`` (Ambient Diffusion; 1 = seen, broadcastable to x): the backbone gets
+        ``[c_in * (m * x), m]`` (2C channels; the mask is not scaled by c_in) instead of ``c_in * x``."""
         sigma = self._sigma_batch(x, sigma)
         _, _, c_in = self.parameterization.scalings(append_dims(sigma, x.ndim))
         dtype = self._model_dtype(x.dtype)
         c_noise = self.parameterization.noise_input(sigma)
-        out = self.backbone((c_in * x).to(dtype), c_noise.to(dtype), **cond)
+        net_in = c_in * x
+        if input_mask is not None:
+            mask = input_mask.to(x.dtype).expand_as(x)
+            net_in = torch.cat([net_in * mask, mask], dim=1)
+        out = self.backbone(net_in.to(dtype), c_noise.to(dtype), **cond)
         return out, sigma
 
-    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        out, sigma = self.model_output(x, sigma, **cond)
+    def forward(self, x: torch.Tensor, sigma, input_mask: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """x0_hat. With ``input_mask`` the backbone and the skip see only ``m * x``, so D depends on the
+        seen elements alone (the hidden ones are predicted by c_out * F)."""
+        out, sigma = self.model_output(x, sigma, input_mask=input_mask, **cond)
         F = first_output(out).to(x.dtype)
         if F.shape != x.shape:
             raise ValueError(
@@ -203,10 +213,15 @@ class Denoiser(nn.Module):
                 "a denoiser must return one prediction per input element"
             )
         c_skip, c_out, _ = self.parameterization.scalings(append_dims(sigma, x.ndim))
-        return c_skip * x + c_out * F
+        return c_skip * seen_input(x, input_mask) + c_out * F
+
+
+def seen_input(x: torch.Tensor, input_mask: torch.Tensor | None) -> torch.Tensor:
+    """What a masked-input denoiser sees of x: ``m * x`` (or x without a mask)."""
+    return x if input_mask is None else x * input_mask.to(x.dtype)
 
 
 __all__ = [
     "EDM", "VPrediction", "EpsPrediction", "X0Prediction", "Parameterization", "Denoiser",
-    "PARAMETERIZATIONS", "make_parameterization", "append_dims", "first_output",
+    "PARAMETERIZATIONS", "make_parameterization", "append_dims", "first_output", "seen_input",
 ]

@@ -5,6 +5,10 @@ the ambient losses share.
 
 computed on the backbone output F against its target (x0 - c_skip x)/c_out with weight
 lambda(sigma) * c_out(sigma)^2, which is the same number with better conditioning.
+
+The ambient losses are options of the same function: per-sample trusted noise levels
+``sigma_tn`` (Ambient Tweedie / Ambient-o: learn from noisy data) and an ``input_mask`` the network
+sees (Ambient Diffusion: learn from masked data, scored on the observed ``mask``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..utils.registry import lookup
-from .denoiser import Denoiser, Parameterization, append_dims, first_output
+from .denoiser import Denoiser, Parameterization, append_dims, first_output, seen_input
 from .rng import randn_like
 
 REDUCTIONS = ("mean", "mean_per_sample", "sum_per_sample", "none")
@@ -140,29 +144,84 @@ class LossResult:
     output: Any  # the raw backbone output (may carry e.g. a patch mask)
 
 
+AMBIENT_WEIGHTINGS = ("tweedie", "ambient_o")
+
+
+def ambient_noisy_input(x_tn: torch.Tensor, sigma: torch.Tensor, sigma_tn: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+    """x_t = x_tn + sqrt(sigma^2 - sigma_tn^2) * noise: data already noisy at sigma_tn, noised up to sigma
+    (per-sample sigma, sigma_tn of shape (B,); requires sigma > sigma_tn where sigma_tn > 0)."""
+    s, s_tn = append_dims(sigma, x_tn.ndim), append_dims(sigma_tn, x_tn.ndim)
+    return x_tn + (s**2 - s_tn**2).clamp(min=0).sqrt() * noise
+
+
+def vp_ambient_noisy_input(x_tn: torch.Tensor, alpha: torch.Tensor, sigma_vp: torch.Tensor,
+                           sigma_tn: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The VP form x_t = alpha * x_tn + sqrt(sigma_vp^2 - alpha^2 sigma_tn^2) * noise. It is alpha times
+    :func:`ambient_noisy_input` at the VE level sigma_vp / alpha, which is how our denoisers (VE view, c_in
+    scaling) train eps/v/latent models on noisy data."""
+    a, s, s_tn = (append_dims(v, x_tn.ndim) for v in (alpha, sigma_vp, sigma_tn))
+    return a * x_tn + (s**2 - (a * s_tn) ** 2).clamp(min=0).sqrt() * noise
+
+
+def ambient_target(x_tn: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                   sigma_tn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ambient Tweedie: train E[x_tn | x_t] = (1 - r) D(x_t) + r x_t (r = sigma_tn^2 / sigma^2) towards x_tn;
+    sigma and sigma_tn are per sample, shape (B,).
+
+    Written as a target for D itself: (1 - r) D + r x - x_tn = (1 - r) (D - x0_eff) with
+    x0_eff = (x_tn - r x) / (1 - r). Returns (x0_eff, 1 - r), both broadcastable against x."""
+    r = append_dims((sigma_tn / sigma) ** 2, x.ndim)
+    return (x_tn - r * x) / (1 - r), 1 - r
+
+
 def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
                    weighting: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    noise: torch.Tensor | None = None, generator=None,
                    mask: torch.Tensor | None = None, reduction: str = "mean",
-                   cond: dict | None = None) -> LossResult:
+                   cond: dict | None = None, sigma_tn: torch.Tensor | None = None,
+                   ambient_weighting: str = "tweedie", input_mask: torch.Tensor | None = None) -> LossResult:
     """One denoising-loss evaluation at per-sample noise levels ``sigma`` (shape (B,)).
 
     weighting: lambda(sigma) on |D - x0|^2; default is the parameterisation's natural one.
     mask: observed elements (ambient masks, padding); it is multiplied by the backbone's own
     ``loss_mask`` when the backbone returns one, so a token-masked MicroDiT is scored only on the
     patches it saw.
+
+    Ambient options:
+      sigma_tn (B,): each sample's trusted noise level; ``x0`` is then x_tn = x0 + sigma_tn z, noised
+        to sigma as x_tn + sqrt(sigma^2 - sigma_tn^2) n, and the loss is lambda(sigma) * w * |(1 - r) D
+        + r x - x_tn|^2 (:func:`ambient_target`) with w = 1 ("tweedie") or w = sigma^4 / (sigma^2 -
+        sigma_tn^2)^2 = 1/(1-r)^2 ("ambient_o", Ambient-o's weighting: the |D - x0_eff|^2 error at
+        full weight). sigma_tn = 0 is the plain loss. Every sample needs sigma > sigma_tn (or sigma_tn = 0).
+      input_mask: what the network sees (Ambient Diffusion's A-tilde); the denoiser gets
+        ``[c_in * m * x, m]`` and its skip uses ``m * x``. Score the loss on A with ``mask``.
     """
     if sigma.shape != (x0.shape[0],):
         raise ValueError(f"sigma must have shape ({x0.shape[0]},), got {tuple(sigma.shape)}")
+    if ambient_weighting not in AMBIENT_WEIGHTINGS:
+        raise ValueError(f"unknown ambient weighting {ambient_weighting!r}; choose one of {', '.join(AMBIENT_WEIGHTINGS)}")
     param = denoiser.parameterization
     weighting = weighting or param.natural_weight
     noise = randn_like(x0, generator) if noise is None else noise
     s = append_dims(sigma.to(x0.dtype), x0.ndim)
-    x = x0 + s * noise
-    out, sigma = denoiser.model_output(x, sigma, **(cond or {}))
+    if sigma_tn is None:
+        x, target_x0, factor = x0 + s * noise, x0, None
+    else:
+        sigma_tn = sigma_tn.to(sigma.device, sigma.dtype)
+        if bool(((sigma_tn > 0) & (sigma <= sigma_tn)).any()):
+            k = int(((sigma_tn > 0) & (sigma <= sigma_tn)).nonzero()[0])
+            raise ValueError(f"sample {k}: sigma={float(sigma[k]):.4g} is not above its trusted noise level "
+                             f"sigma_tn={float(sigma_tn[k]):.4g}; draw sigma above sigma_tn for noisy data")
+        x = ambient_noisy_input(x0, sigma.to(x0.dtype), sigma_tn.to(x0.dtype), noise)
+        target_x0, keep = ambient_target(x0, x, sigma.to(x0.dtype), sigma_tn.to(x0.dtype))
+        factor = keep.reshape(-1) ** 2 if ambient_weighting == "tweedie" else None
+    out, sigma = denoiser.model_output(x, sigma, input_mask=input_mask, **(cond or {}))
     F = first_output(out).to(x0.dtype)
-    target = param.target(x0, x, s)
+    target = param.target(target_x0, seen_input(x, input_mask), s)
     weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
+    if factor is not None:
+        weight = weight * factor.to(weight.dtype)
     err, mask = _masked_errors(F, target, weight, _combine_masks(mask, output_loss_mask(out)))
     loss = _reduce(err, mask, reduction)
     with torch.no_grad():
