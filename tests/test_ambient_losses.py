@@ -201,3 +201,43 @@ def test_masked_input_denoiser_ignores_what_it_does_not_see():
     c_in = (sigma**2 + 0.25).rsqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(captured["x"][:, :2], c_in * seen * x)
     torch.testing.assert_close(captured["x"][:, 2:], seen.expand(-1, 2, -1, -1))
+
+
+class ConvC(nn.Module):
+    """A pretrained-style backbone without mask channels (C in, C out)."""
+
+    in_channels = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, t, **_):
+        return self.conv(x)
+
+
+def test_model_without_mask_channels_predicts_hidden_pixels_with_its_raw_output():
+    x0, sigma, noise = _batch()
+    g = torch.Generator().manual_seed(7)
+    observed = (torch.rand(3, 1, 6, 6, generator=g) < 0.6).float()
+    seen = observed * (torch.rand(3, 1, 6, 6, generator=g) < 0.8).float()
+    net = ConvC()
+    den = Denoiser(net, EDM(0.5))
+    assert not den.has_mask_channels(2)
+    x = x0 + sigma.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        d = den(x, sigma, input_mask=seen)
+        c_skip, c_out, c_in = (v.view(-1, 1, 1, 1) for v in EDM(0.5).scalings(sigma))
+        F = net(c_in * seen * x, None)
+        torch.testing.assert_close(d, seen * (c_skip * seen * x + c_out * F) + (1 - seen) * F)
+        other = x + (1 - seen) * torch.randn(x.shape, generator=g)
+        torch.testing.assert_close(den(other, sigma, input_mask=seen), d, rtol=0, atol=0)
+    # the loss is lambda(sigma) |D - x0|^2 on the observed pixels, in both seen and hidden ones
+    res = denoising_loss(den, x0, sigma, noise=noise, weighting=edm_weight, mask=observed, input_mask=seen,
+                         reduction="sum_per_sample")
+    direct = (edm_weight(sigma).view(-1, 1, 1, 1) * observed * (d - x0) ** 2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(res.loss.detach(), direct, rtol=1e-5, atol=1e-6)
+    table = Table(x0.shape)
+    table.in_channels = 2
+    denoising_loss(Denoiser(table, EDM(0.5)), x0, sigma, noise=noise, mask=observed, input_mask=seen).loss.backward()
+    assert bool((table.out.grad[(observed == 0).expand_as(x0)] == 0).all())

@@ -25,6 +25,12 @@ from microdiff.data.transforms import ImageTransform
 RES, MIN = 16, 12
 
 
+def _source_meta(meta):
+    """A record's meta without the "crop" the dataset adds (checked in test_crop_meta_and_mask_sidecars)."""
+    assert set(meta["crop"]) == {"top", "left", "size", "flip", "frame"}
+    return {k: v for k, v in meta.items() if k != "crop"}
+
+
 def _photos():
     from skimage import data
 
@@ -122,7 +128,7 @@ def test_folder_loads_every_good_image_and_reports_every_bad_one(folder, tmp_pat
     for key, expected in want.items():
         torch.testing.assert_close(got[key][0], expected, rtol=0, atol=1e-6)  # same pixels, same transform
         assert got[key][1] == captions[key]
-    assert got["chelsea"][2] == {"source": "skimage", "quality": 0.9, "photographer": "unknown"}
+    assert _source_meta(got["chelsea"][2]) == {"source": "skimage", "quality": 0.9, "photographer": "unknown"}
     assert sum(b["skipped"] for b in batches) == len(BAD)
     assert ds.report.counts == {"missing caption": 1, **{r: 1 for r in BAD.values()}}
     by_path = {s.path: s.reason for s in ds.report.items}
@@ -188,8 +194,8 @@ def test_manifest_jsonl_keeps_unknown_columns_and_validates_known_ones(tmp_path)
     assert len(ds) == 4
     rec = ds[1]
     assert rec["key"] == "img/chelsea" and rec["caption"] == "photo of chelsea"
-    assert rec["meta"] == {"source": "skimage", "quality": 0.75, "sigma_tn": 0.1,
-                           "corruption": {"kind": "noise", "level": 1}, "aesthetic": 6.0}
+    assert _source_meta(rec["meta"]) == {"source": "skimage", "quality": 0.75, "sigma_tn": 0.1,
+                                         "corruption": {"kind": "noise", "level": 1}, "aesthetic": 6.0}
     torch.testing.assert_close(rec["image"], ImageTransform(RES)(Image.fromarray(photos["chelsea"])), rtol=0, atol=0)
     assert ds[3] is None and ds.report.counts == {"missing file": 1}
     batch = collate_records([ds[i] for i in range(4)])
@@ -215,8 +221,8 @@ def test_manifest_csv_with_image_root_and_parquet_with_bytes(tmp_path):
         w.writerow(["face.png", "a face", "0.5", '{"kind": "blur", "sigma": 1.5}', "cc-by"])
         w.writerow(["face.png", "the same face", "", "jpeg", ""])
     ds = ManifestDataset(manifest, ImageTransform(RES), image_root=images, progress=False)
-    assert ds[0]["meta"] == {"quality": 0.5, "corruption": {"kind": "blur", "sigma": 1.5}, "licence": "cc-by"}
-    assert ds[1]["meta"] == {"corruption": "jpeg", "licence": ""}
+    assert _source_meta(ds[0]["meta"]) == {"quality": 0.5, "corruption": {"kind": "blur", "sigma": 1.5}, "licence": "cc-by"}
+    assert _source_meta(ds[1]["meta"]) == {"corruption": "jpeg", "licence": ""}
     torch.testing.assert_close(ds[0]["image"], ImageTransform(RES)(Image.fromarray(face)), rtol=0, atol=0)
     buf = io.BytesIO()
     Image.fromarray(coffee).save(buf, format="PNG")
@@ -319,7 +325,7 @@ def test_hf_saved_dataset(tmp_path):
     assert isinstance(hf, HFImageDataset) and hf.image_column == "image" and hf.caption_column == "text"
     assert len(hf) == 3 and hf.report.counts == {"missing caption": 1}
     rec = hf[1]
-    assert rec["caption"] == "a cat" and rec["meta"] == {"quality": 0.5, "photographer": "?"}
+    assert rec["caption"] == "a cat" and _source_meta(rec["meta"]) == {"quality": 0.5, "photographer": "?"}
     torch.testing.assert_close(rec["image"], ImageTransform(RES)(Image.fromarray(photos["chelsea"])), rtol=0, atol=0)
     assert hf[2] is None and hf.report.counts == {"missing caption": 1, "not an image": 1}
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(tmp_path / "dict")
@@ -346,7 +352,7 @@ def test_hf_imagefolder_with_metadata(tmp_path):
     assert len(hf) == 3
     recs = sorted((hf[i] for i in range(3)), key=lambda r: r["caption"])
     for i, rec in enumerate(recs):
-        assert rec["caption"] == f"face {i}" and rec["meta"] == {"source": "lfw"}
+        assert rec["caption"] == f"face {i}" and _source_meta(rec["meta"]) == {"source": "lfw"}
         torch.testing.assert_close(rec["image"], ImageTransform(RES)(Image.fromarray(np.roll(face, i, axis=1))),
                                    rtol=0, atol=0)
 
@@ -447,4 +453,4 @@ def test_folder_sidecar_problems(tmp_path):
     (tmp_path / "a.txt").write_text("from txt")  # the .txt caption wins; the json still gives meta
     ds = ImageFolderDataset(tmp_path, ImageTransform(RES), progress=False)
     assert len(ds) == 1 and ds.report.counts == {"bad sidecar": 1}
-    assert ds[0]["caption"] == "from txt" and ds[0]["meta"] == {"sigma_tn": 0.25, "corruption": "noise"}
+    assert ds[0]["caption"] == "from txt" and _source_meta(ds[0]["meta"]) == {"sigma_tn": 0.25, "corruption": "noise"}

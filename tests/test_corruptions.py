@@ -142,7 +142,8 @@ def test_apply_corruption_dispatches_to_the_operators():
     images, mask, meta = pixel_mask(x, 0.5, _gen(3), block=2)
     assert torch.equal(result.images, images) and torch.equal(result.mask, mask) and result.meta == meta
     assert apply_corruption(x, {"name": "noise", "sigma": 0.1}, _gen(1)).mask is None
-    assert set(CORRUPTIONS) == {"blur", "noise", "jpeg", "mask"}
+    assert set(CORRUPTIONS) == {"blur", "noise", "jpeg", "mask", "dust", "box", "fixed_box", "keep_patch", "downup",
+                                "colour_shift"}  # the new ones are tested in test_ambient_corruptions.py
 
 
 def test_parse_corruption_short_forms():
@@ -183,7 +184,11 @@ def test_bad_arguments_raise_clear_errors(call, message):
 def test_cpu_generator_gives_the_same_corruption_on_cuda():
     x = _images((2, 3, 16, 16), seed=10, dtype=torch.float32)
     for spec in ({"name": "noise", "sigma": 0.3}, {"name": "mask", "keep_prob": 0.5, "block": 2},
-                 {"name": "blur", "sigma_px": 1.0}, {"name": "jpeg", "quality": 30}):
+                 {"name": "blur", "sigma_px": 1.0}, {"name": "jpeg", "quality": 30},
+                 {"name": "dust", "p": 0.3, "per_element": True}, {"name": "box", "size": 0.25},
+                 {"name": "fixed_box", "size": 5}, {"name": "keep_patch", "size": 8},
+                 {"name": "downup", "factor": 2.5, "down": "bilinear", "up": "bicubic"},
+                 {"name": "colour_shift", "gain": 0.2}):
         cpu = apply_corruption(x, spec, _gen(4))
         gpu = apply_corruption(x.cuda(), spec, _gen(4))
         assert gpu.images.device.type == "cuda" and gpu.meta == cpu.meta

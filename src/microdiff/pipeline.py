@@ -55,6 +55,11 @@ class SamplingDefaults:
     width: int = 256
     caption_mask: bool = False  # pass the text encoder's mask to the backbone (False: attend to all tokens)
     caption_layout: str = "B1LC"  # "B1LC" (MicroDiT / micro_diffusion) or "BLC"
+    # Ambient Diffusion models (2C input channels): each image is sampled with fixed masks A~ kept with
+    # this probability (block x block squares), D averaged over mask_draws of them; None: no masks
+    mask_keep_prob: float | None = None
+    mask_draws: int = 1
+    mask_block: int = 1
 
 
 @dataclass
@@ -218,10 +223,10 @@ class Pipeline:
         negatives = _match_negatives(negative_prompt, len(prompts))
         scale = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
 
-        def guided(start: int, stop: int) -> GuidedDenoiser:
+        def guided(start: int, stop: int, denoiser) -> GuidedDenoiser:
             cond = self.encode_prompts(prompts[start:stop])
             uncond = self._null_condition(cond, None if negatives is None else negatives[start:stop])
-            return GuidedDenoiser(self.denoiser, [cond], uncond, scale=scale)
+            return GuidedDenoiser(denoiser, [cond], uncond, scale=scale)
 
         targets = None
         if clip is not None:
@@ -249,9 +254,9 @@ class Pipeline:
         conds = [self.encode_prompts([t]) for t in texts]
         uncond = self._null_condition(conds[0], None if negative_prompt is None else [negative_prompt])
 
-        def guided(start: int, stop: int) -> GuidedDenoiser:
+        def guided(start: int, stop: int, denoiser) -> GuidedDenoiser:
             n = stop - start
-            return GuidedDenoiser(self.denoiser, [_repeat(c, n) for c in conds], _repeat(uncond, n),
+            return GuidedDenoiser(denoiser, [_repeat(c, n) for c in conds], _repeat(uncond, n),
                                   scale=scale, weights=weights)
 
         targets = None
@@ -263,7 +268,7 @@ class Pipeline:
         return self._sample(num_images, guided, seed, num_inference_steps, sampler, eta, height, width,
                             callback, batch_size, progress, clip, targets)
 
-    def _sample(self, n: int, make_guided: Callable[[int, int], GuidedDenoiser], seed: int, steps: int | None,
+    def _sample(self, n: int, make_guided: Callable[[int, int, Any], GuidedDenoiser], seed: int, steps: int | None,
                 sampler: str | None, eta: float | None, height: int | None, width: int | None,
                 callback, batch_size: int, progress: bool, clip: ClipOptions | None = None,
                 targets: Callable[[int, int], list] | None = None) -> torch.Tensor:
@@ -282,7 +287,8 @@ class Pipeline:
             if name in STOCHASTIC or options.get("eta"):
                 options["generator"] = gens
             x = randn((stop - start, *shape), gens, device=self.device, dtype=torch.float64) * sigmas[0]
-            guided = make_guided(start, stop)
+            guided = make_guided(start, stop, self._masked(per_sample_generators(seed + 7_919_003 + start, stop - start),
+                                                           shape))
             if clip is not None and clip.scale:
                 from .clip_guidance import ClipGuidedDenoiser, differentiable_decode
 
@@ -294,6 +300,16 @@ class Pipeline:
             decoded = self.autoencoder.decode(latents.float())
             images.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(images)
+
+    def _masked(self, generators: list[torch.Generator], shape: tuple[int, int, int]):
+        """The denoiser, or (Ambient Diffusion models) the denoiser with each image's fixed masks."""
+        d = self.defaults
+        if d.mask_keep_prob is None:
+            return self.denoiser
+        from .ambient.sampling import FixedMaskDenoiser, sampling_masks
+
+        masks = sampling_masks(generators, shape, d.mask_keep_prob, d.mask_draws, d.mask_block, self.device)
+        return FixedMaskDenoiser(self.denoiser, masks)
 
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:

@@ -1,11 +1,23 @@
 """Ambient: learning from corrupted data (noisy, blurred, compressed, partially observed images).
 
-``corruptions`` holds the operators that make (and describe) the corrupted data; ambient losses and
-quality annotation build on the metadata they write (``corruption``, ``sigma_tn``, masks).
+- ``corruptions``: the operators that make (and describe) corrupted data, deterministic per sample;
+- ``dataset``: :class:`CorruptedDataset`, corrupting any map-style dataset per record key;
+- ``annotations``: per-sample noise levels (sigma_tn, sigma_max) as a CSV that training reads;
+- ``annotate``: ``microdiff annotate``, a noise-conditional quality classifier that writes them;
+- ``sampling``: sampling Ambient Diffusion models with fixed masks.
+
+The ambient losses live in the one denoising loss (``diffusion.loss.denoising_loss``: ``sigma_tn``,
+``input_mask``); the trainer's glue (levels, sigma-first selection) in ``train.ambient``.
 """
 
-from .corruptions import (CORRUPTIONS, Corrupted, additive_noise, apply_corruption, gaussian_blur, jpeg,
-                          parse_corruption, pixel_mask)
+from .annotations import read_annotations, write_annotations
+from .corruptions import (CORRUPTIONS, MASK_CORRUPTIONS, Corrupted, additive_noise, apply_corruption, box,
+                          colour_shift, downup, dust, fixed_box, further_mask, gaussian_blur, jpeg, keep_patch,
+                          parse_corruption, pixel_mask, sample_generator)
+from .dataset import CorruptedDataset, corrupt_record
+from .sampling import FixedMaskDenoiser, sampling_masks
 
-__all__ = ["CORRUPTIONS", "Corrupted", "additive_noise", "apply_corruption", "gaussian_blur", "jpeg",
-           "parse_corruption", "pixel_mask"]
+__all__ = ["CORRUPTIONS", "MASK_CORRUPTIONS", "Corrupted", "additive_noise", "apply_corruption", "box", "colour_shift",
+           "downup", "dust", "fixed_box", "further_mask", "gaussian_blur", "jpeg", "keep_patch", "parse_corruption",
+           "pixel_mask", "sample_generator", "CorruptedDataset", "corrupt_record", "read_annotations",
+           "write_annotations", "FixedMaskDenoiser", "sampling_masks"]

@@ -21,7 +21,15 @@ datasets must use ``collate_fn=collate_records``**, which drops the Nones (and c
 ``check_dataset`` decodes everything once, with a progress bar, and returns the full report.
 
 Random crops, flips and the choice among several captions draw from a generator seeded by
-(seed, epoch, index): call ``set_epoch`` each epoch; results do not depend on worker count.
+(seed, epoch, index): call ``set_epoch`` each epoch; results do not depend on worker count. With an
+:class:`~microdiff.data.transforms.ImageTransform` the record's ``meta["crop"]`` says what was done:
+``{"top", "left", "size", "flip", "frame": [H, W] of the resized image the crop came from}``.
+
+Pixel masks (ambient training): a record whose meta has ``"mask_file"`` (a .npy uint8 array (H, W),
+or (C, H, W), 1 = observed, 0/1 only, at the image's size after EXIF rotation; the path relative to
+the image's folder, as ``write_shapes_folder`` writes it) gets ``record["mask"]``, float (1 or C, R, R),
+cropped and flipped exactly like the image (``transform_mask``). A missing, malformed or wrongly
+sized mask file is a bad item (reason "bad mask"), reported under ``on_error`` like a bad image.
 """
 
 from __future__ import annotations
@@ -42,10 +50,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .report import DataError, OnError, Skip, SkipReport
-from .transforms import ImageError, ImageTransform, open_image
+from .transforms import CropParams, ImageError, ImageTransform, crop_meta, open_image, transform_mask
 
 __all__ = ["IMAGE_SUFFIXES", "CaptionedDataset", "ImageFolderDataset", "ManifestDataset", "HFImageDataset",
-           "make_dataset", "collate_records", "check_dataset", "validate_meta", "add_arguments", "run"]
+           "make_dataset", "collate_records", "check_dataset", "validate_meta", "read_mask", "add_arguments", "run"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".jsonl", ".csv", ".parquet"}
@@ -191,15 +199,40 @@ class CaptionedDataset(Dataset):
         self._skip(label, "missing caption", detail + "; or pass allow_missing_captions=True")
         return None
 
+    def _transform(self, pil: Any, rng: np.random.Generator) -> tuple[torch.Tensor, CropParams | None]:
+        """The transformed image and, for an ImageTransform, the crop/flip it applied (else None)."""
+        if isinstance(self.transform, ImageTransform):
+            return self.transform(pil, rng=rng, return_params=True)
+        return self.transform(pil, rng=rng), None
+
     def _load(self, index: int) -> dict[str, Any]:
-        """The record for ``index``; bad images raise ImageError."""
+        """The record for ``index``; bad images (and bad mask files) raise ImageError."""
         entry = self._entry(index)
         rng = self.rng(index)
-        image = self.transform(open_image(entry.image), rng=rng)
+        pil = open_image(entry.image)
+        image, params = self._transform(pil, rng)
         caption = entry.caption
         if isinstance(caption, list):
             caption = caption[int(rng.integers(len(caption)))]
-        return {"image": image, "caption": caption, "key": entry.key, "meta": dict(entry.meta)}
+        meta = dict(entry.meta)
+        if params is not None:
+            meta["crop"] = crop_meta(params, *pil.size)
+        record = {"image": image, "caption": caption, "key": entry.key, "meta": meta}
+        if not _blank(entry.meta.get("mask_file")):
+            record["mask"] = self._mask(entry, pil.size, params)
+        return record
+
+    def _mask(self, entry: Entry, size: tuple[int, int], params: CropParams | None) -> torch.Tensor:
+        """The entry's mask sidecar, checked against the image's (width, height) and moved like the image."""
+        name = entry.meta["mask_file"]
+        if params is None:
+            raise ValueError(f"{entry.label}: its mask_file {name!r} can only follow the image through an "
+                             f"ImageTransform (to crop and flip it alike); got transform {self.transform!r}")
+        if not isinstance(entry.image, str) or not isinstance(name, str):
+            raise ValueError(f"{entry.label}: mask_file {name!r} is found relative to the image's folder, so the "
+                             "image must be a file path (not bytes) and mask_file a string")
+        return torch.from_numpy(transform_mask(read_mask(Path(entry.image).parent / name, size), params)
+                                .astype(np.float32))
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         try:
@@ -215,6 +248,29 @@ class CaptionedDataset(Dataset):
         except ImageError as err:
             return Skip(self._entry(index).label, err.reason, err.detail)
         return None
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A mask sidecar: .npy uint8 (or bool) 0/1, (H, W) -> (1, H, W) or (C, H, W), with (W, H) == ``size``.
+    Problems raise ImageError (reason "bad mask") naming the file."""
+    def bad(message: str) -> ImageError:
+        return ImageError(f"mask file {path.name}: {message}", "bad mask", str(path))
+
+    if not path.is_file():
+        raise bad("no such file (mask_file is relative to the image's folder)")
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise bad(f"not a .npy array ({err})") from None
+    if mask.dtype not in (np.uint8, np.bool_) or mask.ndim not in (2, 3):
+        raise bad(f"expected a uint8 array (H, W) or (C, H, W) of 0/1, got {mask.dtype} {mask.shape}")
+    if mask.size and mask.max() > 1:
+        raise bad(f"values must be 0 (hidden) or 1 (observed), found {int(mask.max())}")
+    mask = mask[None] if mask.ndim == 2 else mask
+    if (mask.shape[2], mask.shape[1]) != tuple(size):
+        raise bad(f"it is {mask.shape[2]}x{mask.shape[1]} (W x H) but the image is {size[0]}x{size[1]}; "
+                  "write the mask at the image's size")
+    return mask.astype(np.uint8)
 
 
 def collate_records(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -411,6 +411,13 @@ class MDSLatentDataset(Dataset):
                              f"{self.stored_dtype.name} values")
         return np.frombuffer(value, self.stored_dtype).astype(np.float32)
 
+    def key_meta(self, index: int) -> tuple[str, dict[str, Any]]:
+        """(key, meta) of sample ``index`` without reading it (for selection by source or annotation)."""
+        s, i = self.data.locate(index)
+        shard = self.data.shards[s]
+        return f"{shard['raw_data']['basename']}/{i}", {"source": shard["root"], "shard": shard["raw_data"]["basename"],
+                                                        "index": i}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.data[index]
         s, i = self.data.locate(index)

@@ -17,7 +17,8 @@ is radius * sqrt(pi); a triangle is upright and equilateral), so "small" and "la
 area for every shape. ``centre`` is the centroid of the object.
 
     ShapesDataset(n, resolution=64, seed=0, objects=1, corruption=None)[i]
-        -> {"image" (3,H,W) in [-1,1], "caption", "key", "meta"} (+ "mask" (1,H,W) for pixel masks)
+        -> {"image" (3,H,W) in [-1,1], "caption", "key", "meta"} (+ "mask" (1,H,W) for pixel masks,
+           (3,H,W) when the mixture has a per-element dust mask)
     write_shapes_folder(out_dir, n, ...)  -> 00000.png + 00000.txt + 00000.json (+ .npy, see there)
     shapes_grid(16, 64, seed=0)           -> a PIL contact sheet with captions, to look at
     microdiff data shapes --out DIR --n 1000 --resolution 64 [--objects 2] [--corruption noise:0.2]
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..ambient.corruptions import apply_corruption, check_spec, from_uint8, parse_corruption, to_uint8
+from ..ambient.corruptions import (MASK_CORRUPTIONS, SHORT_EXAMPLES, apply_corruption, check_spec, from_uint8,
+                                   parse_corruption, to_uint8)
 
 # ----------------------------------------------------------------------------- vocabulary and geometry
 SHAPES = ("circle", "square", "triangle")
@@ -240,9 +242,10 @@ def caption_for(attributes: dict[str, Any], rng: np.random.Generator) -> str:
 Mixture = list[tuple[float, "dict[str, Any] | None"]]
 
 
-def _as_mixture(corruption: Any) -> Mixture:
+def _as_mixture(corruption: Any, resolution: int = MIN_RESOLUTION) -> Mixture:
     """None | spec | "noise:0.2" | [(probability, spec or None), ...] -> a list of (p, spec); the
-    probability left over (1 - sum) goes to clean images."""
+    probability left over (1 - sum) goes to clean images. Every spec is tried once on a
+    ``resolution`` x ``resolution`` image, so bad values (e.g. a box larger than the image) fail now."""
     if corruption is None:
         return []
     if isinstance(corruption, (str, dict)):
@@ -255,7 +258,7 @@ def _as_mixture(corruption: Any) -> Mixture:
         p, spec = float(entry[0]), entry[1]
         spec = parse_corruption(spec) if isinstance(spec, str) else spec
         if spec is not None:  # check names and values now, not later inside a DataLoader worker
-            apply_corruption(torch.zeros(1, 3, MIN_RESOLUTION, MIN_RESOLUTION), check_spec(spec), torch.Generator())
+            apply_corruption(torch.zeros(1, 3, resolution, resolution), check_spec(spec), torch.Generator())
         if p < 0:
             raise ValueError(f"corruption probabilities must be >= 0; got {p} for {spec}")
         mixture.append((p, spec))
@@ -280,8 +283,9 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     corruption: None (clean), a spec such as ``{"name": "noise", "sigma": 0.2}`` or ``"noise:0.2"``
     (every image), or ``[(0.5, None), (0.3, "noise:0.2"), (0.2, {"name": "mask", "keep_prob": 0.5})]``
-    (per-image choice; probability left over is clean). When a pixel mask can occur, every item
-    carries "mask" (1, H, W) (all ones where nothing was masked), so batches stack.
+    (per-image choice; probability left over is clean). When a pixel mask can occur (any name in
+    ``MASK_CORRUPTIONS``), every item carries "mask" (1, H, W) (all ones where nothing was masked;
+    (3, H, W) for every item if the mixture has a per-element dust mask), so batches stack.
     Noise is not clipped: noisy images leave [-1, 1]. Keyword lists (shapes, colours, sizes,
     positions, backgrounds) restrict the vocabulary."""
 
@@ -297,9 +301,11 @@ class ShapesDataset(torch.utils.data.Dataset):
                              "shapes, colours, sizes, positions, backgrounds")
         self.n, self.resolution, self.seed, self.objects = int(n), _check_resolution(resolution), int(seed), objects
         self.vocabulary = vocabulary
-        self.mixture = _as_mixture(corruption)
+        self.mixture = _as_mixture(corruption, self.resolution)
         sample_attributes(np.random.default_rng(0), objects, **vocabulary)  # validate now, not in a worker
-        self.has_mask = any(spec is not None and spec["name"] == "mask" for _, spec in self.mixture)
+        specs = [spec for _, spec in self.mixture if spec is not None]
+        self.has_mask = any(spec["name"] in MASK_CORRUPTIONS for spec in specs)
+        self.mask_channels = 3 if any(spec["name"] == "dust" and spec.get("per_element") for spec in specs) else 1
 
     def __len__(self) -> int:
         return self.n
@@ -322,7 +328,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         meta["objects"] = objects
         item = {"image": image, "caption": caption_for(attributes, np.random.default_rng(caption_seq)),
                 "key": f"shapes-{self.seed}-{index:06d}", "meta": meta}
-        mask = torch.ones(1, self.resolution, self.resolution) if self.has_mask else None
+        mask = torch.ones(self.mask_channels, self.resolution, self.resolution) if self.has_mask else None
         rng = np.random.default_rng(corruption_seq)
         spec = self._pick(rng)
         if spec is not None:
@@ -334,7 +340,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             if spec["name"] == "noise":
                 meta["sigma_tn"] = params["sigma"]
             if result.mask is not None:
-                mask = result.mask[0]
+                mask = result.mask[0].expand(self.mask_channels, -1, -1).contiguous()
         if mask is not None:
             item["mask"] = mask
         return item
@@ -366,8 +372,9 @@ def write_shapes_folder(out_dir: str | Path, n: int, resolution: int = 64, seed:
 
     A PNG holds 8 bits in [0, 255]: noisy images are clipped and rounded there, so for noise the
     exact float32 image (values outside [-1, 1] included) is also written as ``00000.npy`` and the
-    meta says ``"exact": "00000.npy"`` and which fraction of values the PNG clipped. Pixel masks go
-    to ``00000.mask.npy`` (uint8 (H, W), 1 = observed; ``"mask_file"`` in the meta). Existing files
+    meta says ``"exact": "00000.npy"`` and which fraction of values the PNG clipped. Pixel masks (every
+    name in ``MASK_CORRUPTIONS``) go to ``00000.mask.npy`` (uint8 (H, W), 1 = observed; (C, H, W) for a
+    per-element dust mask; ``"mask_file"`` in the meta), which ``ImageFolderDataset`` reads back. Existing files
     of the same names are overwritten. Returns the PNG paths."""
     from tqdm import tqdm
 
@@ -384,8 +391,10 @@ def write_shapes_folder(out_dir: str | Path, n: int, resolution: int = 64, seed:
             np.save(out / f"{name}.npy", image.numpy().astype(np.float32))
             meta["exact"] = f"{name}.npy"
             meta["clipped_fraction"] = float((image.abs() > 1).float().mean())
-        if meta["corruption"] == "mask":
-            np.save(out / f"{name}.mask.npy", item["mask"][0].numpy().astype(np.uint8))
+        if meta["corruption"] in MASK_CORRUPTIONS:
+            mask = item["mask"]
+            mask = mask[0] if bool((mask == mask[:1]).all()) else mask  # (H, W) unless per-element
+            np.save(out / f"{name}.mask.npy", mask.numpy().astype(np.uint8))
             meta["mask_file"] = f"{name}.mask.npy"
         Image.fromarray(to_uint8(image[None])[0], "RGB").save(out / f"{name}.png")
         (out / f"{name}.txt").write_text(item["caption"] + "\n")
@@ -447,7 +456,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objects", type=int, choices=(1, 2), default=1,
                         help="objects per image; 2 gives compositional captions (default: 1)")
     parser.add_argument("--corruption", type=_cli_corruption, default=None, metavar="SPEC",
-                        help="corrupt images: noise:SIGMA, blur:SIGMA_PX, jpeg:QUALITY, mask:KEEP_PROB[:BLOCK]")
+                        help=f"corrupt images, e.g. {SHORT_EXAMPLES}")
     parser.add_argument("--corrupt-fraction", type=_cli_fraction, default=1.0, metavar="P",
                         help="fraction of images corrupted, the rest stay clean (default: 1.0)")
     parser.add_argument("--grid", default=None, metavar="PNG",

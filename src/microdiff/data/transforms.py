@@ -8,6 +8,8 @@
                               exceeds 1); CMYK, YCbCr, LAB, HSV and 1-bit use Pillow's conversions
     ImageTransform            short side -> ``resolution`` with Pillow's antialiased bicubic resize,
                               center or random crop, optional horizontal flip, -> [-1, 1]
+    transform_mask(mask, params)  the same resize (nearest), crop and flip for a 0/1 pixel mask
+    crop_meta(params, w, h)   the JSON dict datasets store as ``meta["crop"]``
 
 Resizing uses Pillow, not ``torch.nn.functional.interpolate``: Pillow's ``Image.resize`` with
 ``BICUBIC`` is antialiased when it shrinks (its kernel widens with the scale factor), works on the
@@ -18,6 +20,11 @@ images, visually the same, not bit-identical).
 
 Random crops and flips draw from a ``numpy.random.Generator`` passed per call; the datasets derive
 one per (seed, epoch, index), so a run is reproducible whatever the number of DataLoader workers.
+
+Masks move with their image: ``transform_mask`` applies the image's :class:`CropParams` to a mask of
+the image's original size, resizing by nearest neighbour at pixel centres (Pillow's NEAREST rule,
+so a mask stays 0/1), then the same crop and flip. Where the image is resized, its bicubic filter
+mixes pixels across a mask edge; the mask marks each resized pixel by the source pixel at its centre.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = ["ImageError", "ImageTooSmall", "ImageDecodeError", "open_image", "to_rgb", "CropParams",
-           "ImageTransform"]
+           "ImageTransform", "resized_size", "transform_mask", "crop_meta"]
 
 ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -142,11 +149,52 @@ class CropParams(NamedTuple):
     flip: bool
 
 
-def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """(width, height) with the short side equal to ``resolution`` and the aspect ratio kept."""
     if width <= height:
         return resolution, max(resolution, round(height * resolution / width))
     return max(resolution, round(width * resolution / height)), resolution
+
+
+_resized_size = resized_size
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """For each of ``n_out`` output pixels, the input pixel under its centre: floor((i + 0.5) * n_in / n_out),
+    in exact integer arithmetic."""
+    return ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in) // (2 * n_out)
+
+
+def transform_mask(mask: np.ndarray | torch.Tensor, params: CropParams) -> np.ndarray | torch.Tensor:
+    """Move a mask (H, W) or (C, H, W), given at the image's original size (after EXIF rotation), as
+    :meth:`ImageTransform.apply` moves the image: resize the short side to ``params.size`` (nearest,
+    at pixel centres: no new values, a 0/1 mask stays 0/1), crop at (top, left), flip if ``flip``.
+    Returns the same type and dtype, (params.size, params.size) in the last two axes."""
+    if not isinstance(mask, (np.ndarray, torch.Tensor)) or mask.ndim not in (2, 3):
+        raise ValueError("transform_mask: mask must be a numpy array or tensor (H, W) or (C, H, W); got "
+                         f"{getattr(mask, 'shape', type(mask).__name__)}")
+    h, w = mask.shape[-2:]
+    new_w, new_h = resized_size(w, h, params.size)
+    if not (0 <= params.top <= new_h - params.size and 0 <= params.left <= new_w - params.size):
+        raise ValueError(f"transform_mask: crop {params} does not fit a {w}x{h} mask resized to {new_w}x{new_h}; "
+                         "pass the mask at the image's original size")
+    rows = _nearest_index(h, new_h)[params.top:params.top + params.size]
+    cols = _nearest_index(w, new_w)[params.left:params.left + params.size]
+    if params.flip:
+        cols = cols[::-1].copy()
+    if isinstance(mask, torch.Tensor):
+        return mask.index_select(-2, torch.from_numpy(rows).to(mask.device)).index_select(
+            -1, torch.from_numpy(cols).to(mask.device))
+    return np.take(np.take(mask, rows, axis=-2), cols, axis=-1)
+
+
+def crop_meta(params: CropParams, width: int, height: int) -> dict[str, object]:
+    """What a dataset records in ``meta["crop"]`` for an image of this original size: the crop's
+    ``top``, ``left``, ``size`` and ``flip``, and ``frame`` = [height, width] of the resized image
+    the crop was taken from (top/left are in its pixels)."""
+    new_w, new_h = resized_size(width, height, params.size)
+    return {"top": int(params.top), "left": int(params.left), "size": int(params.size), "flip": bool(params.flip),
+            "frame": [new_h, new_w]}
 
 
 class ImageTransform:

@@ -189,8 +189,9 @@ class Denoiser(nn.Module):
                      **cond) -> tuple[Any, torch.Tensor]:
         """Run the backbone. Returns (raw backbone output, sigma as a (B,) tensor).
 
-        ``input_mask`` (Ambient Diffusion; 1 = seen, broadcastable to x): the backbone gets
-        ``[c_in * (m * x), m]`` (2C channels; the mask is not scaled by c_in) instead of ``c_in * x``."""
+        ``input_mask`` (Ambient Diffusion; 1 = seen, broadcastable to x): a backbone with mask channels
+        (2C in) gets ``[c_in * (m * x), m]`` (the mask is not scaled by c_in); one without (C in, e.g. a
+        pretrained model being fine-tuned) gets ``c_in * (m * x)``."""
         sigma = self._sigma_batch(x, sigma)
         _, _, c_in = self.parameterization.scalings(append_dims(sigma, x.ndim))
         dtype = self._model_dtype(x.dtype)
@@ -198,13 +199,22 @@ class Denoiser(nn.Module):
         net_in = c_in * x
         if input_mask is not None:
             mask = input_mask.to(x.dtype).expand_as(x)
-            net_in = torch.cat([net_in * mask, mask], dim=1)
+            net_in = torch.cat([net_in * mask, mask], dim=1) if self.has_mask_channels(x.shape[1]) else net_in * mask
         out = self.backbone(net_in.to(dtype), c_noise.to(dtype), **cond)
         return out, sigma
 
+    def has_mask_channels(self, channels: int) -> bool:
+        """Whether the backbone takes ``[x, mask]`` (2 x ``channels`` inputs) rather than x alone."""
+        expected = getattr(self.backbone, "in_channels", None)
+        if expected is None:
+            expected = (getattr(self.backbone, "config", None) or {}).get("in_channels")
+        return expected is None or expected == 2 * channels
+
     def forward(self, x: torch.Tensor, sigma, input_mask: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """x0_hat. With ``input_mask`` the backbone and the skip see only ``m * x``, so D depends on the
-        seen elements alone (the hidden ones are predicted by c_out * F)."""
+        seen elements alone. A backbone with mask channels predicts hidden elements through its usual
+        c_skip * m * x + c_out * F; one without them (Ambient Diffusion's fine-tuning of a pretrained
+        model) gives the x0 estimate in seen elements and its raw output F as x0 in hidden ones."""
         out, sigma = self.model_output(x, sigma, input_mask=input_mask, **cond)
         F = first_output(out).to(x.dtype)
         if F.shape != x.shape:
@@ -213,7 +223,11 @@ class Denoiser(nn.Module):
                 "a denoiser must return one prediction per input element"
             )
         c_skip, c_out, _ = self.parameterization.scalings(append_dims(sigma, x.ndim))
-        return c_skip * seen_input(x, input_mask) + c_out * F
+        estimate = c_skip * seen_input(x, input_mask) + c_out * F
+        if input_mask is None or self.has_mask_channels(x.shape[1]):
+            return estimate
+        mask = input_mask.to(x.dtype)
+        return mask * estimate + (1 - mask) * F
 
 
 def seen_input(x: torch.Tensor, input_mask: torch.Tensor | None) -> torch.Tensor:

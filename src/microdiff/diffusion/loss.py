@@ -222,6 +222,13 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
     weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
     if factor is not None:
         weight = weight * factor.to(weight.dtype)
+    if input_mask is not None and not denoiser.has_mask_channels(x0.shape[1]):
+        # no mask channels: hidden elements are predicted by F itself (D = F there), so F's target is
+        # x0_eff with weight lambda(sigma) (* the ambient factor) instead of c_out^2 times that
+        seen = input_mask.to(x0.dtype).expand_as(x0)
+        hidden_weight = append_dims(weight / param.scalings(sigma)[1] ** 2, x0.ndim)
+        target = seen * target + (1 - seen) * target_x0
+        weight = seen * append_dims(weight, x0.ndim) + (1 - seen) * hidden_weight
     err, mask = _masked_errors(F, target, weight, _combine_masks(mask, output_loss_mask(out)))
     loss = _reduce(err, mask, reduction)
     with torch.no_grad():

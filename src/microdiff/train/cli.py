@@ -9,7 +9,8 @@ Examples:
 
 A stages file lists config files (``stages: [a.yaml, b.yaml]``); stage k trains into OUT/<name of
 its file> and a stage whose ``model.init_from`` is ``previous`` starts from the EMA weights of the
-stage before it. Overrides apply to every stage. ``--resume auto`` (the default) continues a
+stage before it. Other sections of a stages file (e.g. ``ambient:``) apply to every stage, over
+the stage's own values; command-line overrides apply to every stage, over both. ``--resume auto`` (the default) continues a
 stage that has a checkpoint and skips stages that finished.
 """
 
@@ -19,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import ConfigError, load_config, stage_files
+from .config import ConfigError, load_config, shared_sections, stage_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,9 @@ def _finished(out: Path, steps: int) -> bool:
 
 def run_stages(path: Path, stages: list[Path], overrides: list[str], out: Path, resume: str) -> list[dict]:
     summaries, previous = [], None
+    shared = shared_sections(path)
     for k, stage in enumerate(stages, 1):
-        config = load_config(stage, overrides)
+        config = load_config(stage, overrides, data=shared)
         if config.model.init_from == "previous":
             if previous is None:
                 raise ConfigError(f"{stage}: model.init_from=previous in the first stage of {path}; there is no "

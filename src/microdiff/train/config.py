@@ -43,11 +43,12 @@ class DataConfig:
     source: str = "shapes:2000"  # shapes:N | image folder | manifest | hf:NAME | shard folder | mds:PATH
     resolution: int = 32  # image side in pixels (the latent side is resolution / autoencoder downsampling)
     vocabulary: dict = field(default_factory=dict)  # shapes:N only: e.g. {sizes: [large]}
-    corruption: Any = None  # shapes:N only: corruption mixture (see data/shapes.py)
+    corruption: Any = None  # corruption mixture, e.g. [[0.9, 'noise:0.2']] (data/shapes.py; any image source)
     num_workers: int = 0
     cache: bool = False  # map-style sources: keep decoded samples in memory after their first use
     shuffle_buffer: int = 1000  # shard folders only
     seed: int = 0  # data order (and shapes content)
+    min_quality: Union[float, None] = None  # map-style sources: keep samples whose meta quality >= this (absent = 1)
 
 
 @dataclass
@@ -71,6 +72,23 @@ class LossConfig:
     reduction: str = "mean"  # mean | mean_per_sample | sum_per_sample
     mask_ratio: float = 0.0  # MicroDiT patch masking during training
     caption_dropout: float = 0.1  # fraction of captions replaced by the unconditional one (for CFG)
+
+
+@dataclass
+class AmbientConfig:  # learning from corrupted data; see docs/ambient.md
+    enabled: bool = False  # off: every sample is treated as clean (noise levels and masks ignored)
+    annotations: Union[str, None] = None  # CSV key,sigma_tn,sigma_max (microdiff annotate)
+    rules: list = field(default_factory=list)  # [{match: {source: diffusiondb}, sigma_tn: 2.0, sigma_max: null}]
+    buffer: float = 0.0  # a sample with sigma_tn > 0 trains only at sigma > sigma_tn + buffer
+    target: str = "tweedie"  # tweedie: E[x_tn|x_t] towards x_tn | plain: the usual loss, only above sigma_tn
+    weighting: str = "tweedie"  # tweedie | ambient_o (times loss.weighting)
+    selection: str = "sigma_first"  # sigma_first: draw sigma, then an eligible sample | sample_first
+    mask_input: bool = False  # Ambient Diffusion: the network sees [A~ * x_t, A~] (2C channels in)
+    mask_channels: bool = True  # false: no mask channels (fine-tune a pretrained C-channel model on A~ * x_t)
+    delta: float = 0.1  # further corruption: A~ = A * B, B keeps each element with probability 1 - delta
+    mask_block: int = 1  # B drops block x block squares (a MicroDiT's patch size: the patch-level variant)
+    sampling_keep_prob: Union[float, None] = None  # sampling mask survival (default (1 - delta) * mean observed)
+    sampling_masks: int = 1  # > 1: average D over this many fixed masks (consistency across masks)
 
 
 @dataclass
@@ -152,6 +170,7 @@ class RunConfig:
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ambient: AmbientConfig = field(default_factory=AmbientConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -166,6 +185,9 @@ CHOICES = {
     "noise.distribution": ("lognormal", "cosine", "discrete", "loguniform"),
     "loss.weighting": ("natural", "edm", "eps", "v", "min_snr", "x0"),
     "loss.reduction": ("mean", "mean_per_sample", "sum_per_sample"),
+    "ambient.target": ("tweedie", "plain"),
+    "ambient.weighting": ("tweedie", "ambient_o"),
+    "ambient.selection": ("sigma_first", "sample_first"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("fp32", "bf16"),
     "distributed.strategy": ("ddp", "fsdp"),
@@ -328,7 +350,15 @@ def stage_files(path: str | Path) -> list[Path] | None:
     return [(path.parent / s).resolve() for s in stages]
 
 
-__all__ = ["RunConfig", "ModelConfig", "DataConfig", "EncoderConfig", "NoiseConfig", "LossConfig", "OptimConfig",
+def shared_sections(path: str | Path) -> dict[str, Any]:
+    """What a stages file sets besides ``stages`` (and ``extends``): applied to every stage it lists."""
+    data = _read_yaml(Path(path))
+    data.pop("stages", None)
+    return data
+
+
+__all__ = ["RunConfig", "ModelConfig", "DataConfig", "EncoderConfig", "NoiseConfig", "LossConfig", "AmbientConfig",
+           "OptimConfig",
            "EMAConfig", "TrainConfig", "LogConfig", "CheckpointConfig", "SamplingConfig", "DistributedConfig",
            "ConfigError", "load_config", "save_config", "to_dict", "merge", "parse_override", "build",
-           "stage_files"]
+           "stage_files", "shared_sections"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -73,15 +73,22 @@ def build_map_dataset(config: DataConfig):
             raise ValueError(f"data.source={source!r}: write shapes:N with N the number of images, e.g. shapes:2000")
         return ShapesDataset(int(count), resolution=config.resolution, seed=config.seed,
                              corruption=config.corruption, **config.vocabulary)
-    if config.vocabulary or config.corruption is not None:
-        raise ValueError("data.vocabulary and data.corruption apply to shapes:N sources only")
+    if config.vocabulary:
+        raise ValueError("data.vocabulary applies to shapes:N sources only")
     if source.startswith("mds:"):
+        if config.corruption is not None:
+            raise ValueError("data.corruption corrupts images; mds: sources hold latents")
         from ..data.mds import MDSLatentDataset
 
         return MDSLatentDataset([r for r in source[4:].split(",") if r], resolution=config.resolution)
     from ..data.captioned import make_dataset
 
-    return make_dataset(source, resolution=config.resolution)
+    dataset = make_dataset(source, resolution=config.resolution)
+    if config.corruption is not None:  # corrupt on the fly, the same way every epoch (seeded per record key)
+        from ..ambient.dataset import CorruptedDataset
+
+        dataset = CorruptedDataset(dataset, config.corruption, seed=config.seed, resolution=config.resolution)
+    return dataset
 
 
 def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -110,6 +117,12 @@ class CachedDataset(torch.utils.data.Dataset):
             self.items[index] = self.dataset[index]
         return self.items[index]
 
+    def key_meta(self, index: int):
+        if index in self.items or not hasattr(self.dataset, "key_meta"):
+            item = self[index]
+            return None if item is None else (str(item["key"]), dict(item["meta"]))
+        return self.dataset.key_meta(index)
+
 
 class _MicroBatches(torch.utils.data.Sampler):
     def __init__(self, n: int, config: DataConfig, global_batch: int, splits: list[tuple[int, int]],
@@ -136,13 +149,15 @@ class MapBatches:
         self.dataset, self.config, self.global_batch, self.splits = dataset, config, global_batch, splits
         self.next_step = 0
 
-    def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
+    def _loader(self, start_step: int, total_steps: int):
         sampler = _MicroBatches(len(self.dataset), self.config, self.global_batch, self.splits, start_step, total_steps)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
-                                             collate_fn=collate)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+                                           collate_fn=collate)
+
+    def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
         micro: list[tuple[int, dict]] = []
         self.next_step = start_step
-        for batch in loader:
+        for batch in self._loader(start_step, total_steps):
             micro.append((self.splits[len(micro)][0], batch))
             if len(micro) == len(self.splits):
                 yield micro
@@ -195,12 +210,112 @@ class ShardBatches:
         self.stream.load_state_dict({k: v for k, v in state.items() if k != "kind"})
 
 
-def build_batches(config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int):
+def scan_records(dataset, what: str, progress: bool = True) -> list[tuple[str, dict] | None]:
+    """(key, meta) of every item (None for items the dataset skips), with a progress bar: what
+    sample selection by quality or noise level needs to know before training."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(len(dataset)), desc=what, unit="item", disable=not progress, dynamic_ncols=True,
+                  leave=False):
+        out.append(key_meta(dataset, i))
+    return out
+
+
+def key_meta(dataset, index: int) -> tuple[str, dict] | None:
+    """(key, meta) of one item: cheaply when the dataset can say it without decoding (``key_meta``)."""
+    if hasattr(dataset, "key_meta"):
+        return dataset.key_meta(index)
+    item = dataset[index]
+    return None if item is None else (str(item["key"]), dict(item["meta"]))
+
+
+class Subset(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def key_meta(self, index: int):
+        return key_meta(self.dataset, self.indices[index])
+
+
+def keep_quality(dataset, min_quality: float, source: str, progress: bool = True):
+    """The samples whose meta ``quality`` (absent = 1) is at least ``min_quality``."""
+    records = scan_records(dataset, f"data.min_quality={min_quality}", progress)
+    keep = [i for i, r in enumerate(records) if r is not None and float(r[1].get("quality", 1.0)) >= min_quality]
+    if not keep:
+        raise ValueError(f"data.source={source!r}: no sample has quality >= data.min_quality={min_quality}")
+    return Subset(dataset, keep)
+
+
+class _SigmaFirst(torch.utils.data.Sampler):
+    """Micro-batches of (index, sigma) pairs: the step's sigmas first, then eligible samples."""
+
+    def __init__(self, chooser: Callable[[int], tuple[list[int], torch.Tensor]], splits, start_step, total_steps):
+        self.chooser, self.splits = chooser, splits
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        for step in range(self.start_step, self.total_steps):
+            indices, sigma = self.chooser(step)
+            for offset, size in self.splits:
+                yield [(indices[j], float(sigma[j])) for j in range(offset, offset + size)]
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * len(self.splits)
+
+
+class _WithSigma(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, pair: tuple[int, float]):
+        index, sigma = pair
+        return self.dataset[index], sigma
+
+
+def collate_with_sigma(pairs: list[tuple[dict | None, float]]) -> dict[str, Any] | None:
+    kept = [(item, s) for item, s in pairs if item is not None]
+    batch = collate([item for item, _ in kept])
+    if batch is not None:
+        batch["sigma"] = torch.tensor([s for _, s in kept], dtype=torch.float32)
+    return batch
+
+
+class SigmaFirstBatches(MapBatches):
+    """Map-style batches whose samples are chosen for the step's sigmas (ambient ``sigma_first``):
+    ``chooser(step)`` returns the global batch's indices and sigmas. Resumes from the step."""
+
+    def __init__(self, dataset, config: DataConfig, global_batch: int, splits, chooser):
+        super().__init__(dataset, config, global_batch, splits)
+        self.chooser = chooser
+
+    def _loader(self, start_step: int, total_steps: int):
+        sampler = _SigmaFirst(self.chooser, self.splits, start_step, total_steps)
+        return torch.utils.data.DataLoader(_WithSigma(self.dataset), batch_sampler=sampler,
+                                           num_workers=self.config.num_workers, collate_fn=collate_with_sigma)
+
+
+def build_batches(config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int,
+                  progress: bool = True):
     if is_shard_folder(config.source):
+        if config.min_quality is not None:
+            raise ValueError("data.min_quality applies to map-style sources; filter shards when writing them")
         return ShardBatches(config, global_batch, splits, rank, world_size)
     dataset = build_map_dataset(config)
-    return MapBatches(CachedDataset(dataset) if config.cache else dataset, config, global_batch, splits)
+    dataset = CachedDataset(dataset) if config.cache else dataset
+    if config.min_quality is not None:
+        dataset = keep_quality(dataset, config.min_quality, config.source, progress=rank == 0 and progress)
+    return MapBatches(dataset, config, global_batch, splits)
 
 
-__all__ = ["build_batches", "CachedDataset", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
+__all__ = ["build_batches", "CachedDataset", "SigmaFirstBatches", "Subset", "scan_records", "key_meta", "keep_quality", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
            "epoch_permutation", "collate", "is_shard_folder"]

@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,11 +53,15 @@ def build_backbone(config: RunConfig, latent_channels: int, latent_size: int, ca
     from ..models import DIT_PRESETS, UNET_PRESETS
 
     name, options = config.model.backbone, dict(config.model.options)
+    # Ambient Diffusion's masked input: [A~ * x_t, A~] in, the image's channels out
+    mask_channels = config.ambient.mask_input and config.ambient.mask_channels
+    channels = {"in_channels": 2 * latent_channels, "out_channels": latent_channels} if mask_channels \
+        else {"in_channels": latent_channels}
     if name in DIT_PRESETS:
-        defaults = {"input_size": latent_size, "in_channels": latent_channels, "caption_channels": caption_dim}
+        defaults = {"input_size": latent_size, **channels, "caption_channels": caption_dim}
         factory = DIT_PRESETS[name]
     elif name in UNET_PRESETS:
-        defaults = {"in_channels": latent_channels, "caption_channels": caption_dim}
+        defaults = {**channels, "caption_channels": caption_dim}
         factory = UNET_PRESETS[name]
     else:
         known = ", ".join([*DIT_PRESETS, *UNET_PRESETS])
@@ -130,11 +135,12 @@ class TrainModule(nn.Module):
             cond["y_mask"] = mask
         return cond
 
-    def forward(self, x0, sigma, noise, text, drop, weighting, reduction, mask=None, **backbone_kwargs):
+    def forward(self, x0, sigma, noise, text, drop, weighting, reduction, mask=None, ambient=None, **backbone_kwargs):
+        """``ambient``: denoising_loss's sigma_tn / ambient_weighting / input_mask (see train/ambient.py)."""
         cond = self.condition(text, drop)
         denoiser = Denoiser(self.compiled or self.backbone, self.parameterization)
         result = denoising_loss(denoiser, x0, sigma, noise=noise, weighting=weighting, reduction=reduction,
-                                mask=mask, cond={**cond, **backbone_kwargs})
+                                mask=mask, cond={**cond, **backbone_kwargs}, **(ambient or {}))
         return result.loss, result.per_sample
 
 
@@ -259,6 +265,8 @@ class Trainer:
             self.module.__dict__["compiled"] = torch.compile(backbone)
         self.wrapped = wrap_model(self.module, self.dist, c.distributed.strategy)
         self.noise_dist = make_noise_distribution(c.noise.distribution, **c.noise.options)
+        if c.ambient.mask_input and not c.ambient.enabled:
+            raise ValueError("ambient.mask_input=true needs ambient.enabled=true")
         wkw = {"sigma_data": c.model.sigma_data} if c.loss.weighting == "edm" else {}
         self.weighting = make_weighting(c.loss.weighting, self.param, **wkw)
         self.groups = parameter_groups(backbone, lr=c.optim.lr, weight_decay=c.optim.weight_decay,
@@ -271,10 +279,42 @@ class Trainer:
                        c.ema.warmup, c.ema.start_step, c.ema.every)
         micro = c.train.micro_batch_size or c.train.batch_size // self.dist.world_size
         self.splits = split_batch(c.train.batch_size, self.dist.world_size, self.dist.rank, micro)
-        self.data = build_batches(c.data, c.train.batch_size, self.splits, self.dist.rank, self.dist.world_size)
+        self.data = build_batches(c.data, c.train.batch_size, self.splits, self.dist.rank, self.dist.world_size,
+                                  progress=c.log.progress)
         if hasattr(self.data, "stream") and self.data.stream.info:
             self.data.stream.check_encoders(self.autoencoder.identifier, self.text_encoder.identifier)
+        self.ambient, self.ambient_report = (self._build_ambient() if c.ambient.enabled else (None, None))
         self.step = 0
+
+    def _build_ambient(self):
+        """The per-batch ambient step, and (sigma_first) batches chosen for each step's sigmas."""
+        from .ambient import AmbientStep, EligibilityIndex, LevelTable, mixed_seed, sigma_first_batch
+        from .data import MapBatches, SigmaFirstBatches, scan_records
+
+        c = self.config
+        table = LevelTable(c.ambient, pixel_space=self.autoencoder.identifier.split(":")[0] == "identity")
+        step = AmbientStep(c.ambient, table, self.noise_dist, c.train.seed)
+        if c.ambient.selection == "sample_first":
+            return step, "ambient: sample_first (each sample's sigma drawn inside its range)"
+        if not isinstance(self.data, MapBatches):
+            raise ValueError("ambient.selection=sigma_first picks samples by index, which streamed shard folders "
+                             "cannot do; use ambient.selection=sample_first")
+        records = scan_records(self.data.dataset, "ambient noise levels", progress=self.dist.is_main and c.log.progress)
+        bounds = np.array([table.bounds(table.levels(*r)) if r is not None else (np.inf, np.inf) for r in records])
+        index = EligibilityIndex(bounds[:, 0], bounds[:, 1])
+        global_batch, seed = c.train.batch_size, c.train.seed
+
+        def choose(s: int):
+            sigma = self.noise_dist.sample(global_batch, generator=step_generators(seed, s, torch.device("cpu"))[0])
+            gen = torch.Generator().manual_seed(mixed_seed("sigma-redraw", seed, s))
+            return sigma_first_batch(index, sigma, lambda n, _round: self.noise_dist.sample(n, generator=gen), seed, s)
+
+        self.data = SigmaFirstBatches(self.data.dataset, c.data, global_batch, self.splits, choose)
+        lo = bounds[np.isfinite(bounds[:, 0]), 0]
+        levels = ", ".join(f"{v:g} x{int(n)}" for v, n in zip(*np.unique(lo[lo > 0], return_counts=True)))
+        report = (f"ambient: sigma_first over {len(lo)} samples, {int((lo == 0).sum())} clean"
+                  + (f"; used only above {levels}" if levels else ""))
+        return step, report
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -339,9 +379,14 @@ class Trainer:
             text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
                                           if k.startswith("text_encoder.")}, strict=False)
         sampling = {k: v for k, v in asdict(c.sampling).items() if k != "steps"}  # same names but steps
+        masks = {}
+        if c.ambient.mask_input:
+            keep = c.ambient.sampling_keep_prob
+            masks = {"mask_keep_prob": 1 - c.ambient.delta if keep is None else keep,
+                     "mask_draws": c.ambient.sampling_masks, "mask_block": c.ambient.mask_block}
         defaults = SamplingDefaults(**sampling, num_inference_steps=c.sampling.steps, height=c.data.resolution,
                                     width=c.data.resolution, caption_mask=c.encoders.caption_mask,
-                                    caption_layout=self.layout)
+                                    caption_layout=self.layout, **masks)
         return Pipeline(text_encoder, self.autoencoder, Denoiser(backbone, self.param), defaults)
 
     def save_pipeline(self, weights: dict[str, torch.Tensor] | None = None) -> Path:
@@ -382,8 +427,9 @@ class Trainer:
         sigma = sigma_all[offset:offset + n].to(self.device, x0.dtype)
         drop = drop_all[offset:offset + n]
         noise = noise_all[offset:offset + n]
-        mask = batch.get("mask")
-        mask = mask.to(self.device) if isinstance(mask, torch.Tensor) else None
+        mask, ambient = None, None  # without ambient, masked or noisy images are used as they are
+        if self.ambient is not None:
+            x0, sigma, ambient, mask = self.ambient(batch, x0, sigma, self.step, offset)
         extra = {}
         if c.loss.mask_ratio > 0:
             extra = {"mask_ratio": c.loss.mask_ratio,
@@ -395,7 +441,7 @@ class Trainer:
             with autocast:
                 text = {k: batch[k] for k in ("text", "text_mask", "caption") if k in batch}
                 loss, per_sample = self.wrapped(x0, sigma, noise, text, drop, self.weighting, c.loss.reduction, mask,
-                                                **extra)
+                                                ambient, **extra)
             (loss / accumulation).backward()
         return loss.detach(), per_sample.detach(), sigma.detach()
 
@@ -456,7 +502,9 @@ class Trainer:
         monitor = Monitor(self.out, c.log, self.dist.is_main, total_steps=c.train.steps, start_step=self.step)
         if resumed_from is not None:
             monitor.note(f"resumed from {resumed_from} at step {self.step}")
-        elif self.init_report:
+        if self.ambient_report:
+            monitor.note(self.ambient_report)
+        if resumed_from is None and self.init_report:
             monitor.note(f"initialised from {self.init_report['init_from']} ({self.init_report['loaded']} tensors, "
                          f"{len(self.init_report['ignored'])} ignored)")
         self.module.train()

@@ -142,6 +142,38 @@ def histogram(values: Sequence[float], path, bins: int = 40, title="", xlabel=""
     return _save(img, path)
 
 
+def grouped_bars(groups: dict[str, dict[str, float]], path, title="", ylabel="", size=(640, 400)) -> Path:
+    """Bars of ``groups`` (group -> {series: value}), one colour per series, groups side by side."""
+    names = list(dict.fromkeys(k for g in groups.values() for k in g))
+    top = max([v for g in groups.values() for v in g.values() if math.isfinite(v)] + [1e-12])
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    box = (MARGIN_L, MARGIN_T + 14 * len(names), size[0] - MARGIN_R, size[1] - MARGIN_B)
+    ax = _Axes(draw, box, (0.0, float(len(groups))), (0.0, top * 1.1))
+    width = 0.8 / max(len(names), 1)
+    for gi, (group, values) in enumerate(groups.items()):
+        for si, name in enumerate(names):
+            value = values.get(name, float("nan"))
+            if not math.isfinite(value):
+                continue
+            (x0, y0), (x1, y1) = ax.xy(gi + 0.1 + si * width, value), ax.xy(gi + 0.1 + (si + 1) * width, 0)
+            draw.rectangle([x0, y0, x1 - 1, y1], fill=PALETTE[si % len(PALETTE)])
+            draw.text(((x0 + x1) / 2, y0 - 2), f"{value:.3g}", fill=(0, 0, 0), font=_font(10), anchor="md")
+        px, py = ax.xy(gi + 0.5, 0)
+        draw.text((px, py + 6), group, fill=(0, 0, 0), font=_font(), anchor="ma")
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    for value in _ticks(0.0, top * 1.1):
+        _, py = ax.xy(0, value)
+        draw.line([(x0 - 4, py), (x0, py)], fill=(0, 0, 0))
+        draw.text((x0 - 6, py), f"{value:.3g}", fill=(0, 0, 0), font=_font(), anchor="rm")
+    draw.text(((x0 + x1) / 2, 8), title, fill=(0, 0, 0), font=_font(14), anchor="ma")
+    draw.text((4, y0 - 18), ylabel, fill=(0, 0, 0), font=_font())
+    for si, name in enumerate(names):
+        draw.text((x1 - 8, MARGIN_T + 14 * si - 4), name, fill=PALETTE[si % len(PALETTE)], font=_font(), anchor="ra")
+    return _save(img, path)
+
+
 def _save(img: Image.Image, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
