@@ -11,6 +11,9 @@ family three arms at equal compute (same steps, batch and model):
                blur   a rule: blurred images only above sigma_tn (Ambient-o's high-noise use)
                mask   Ambient Diffusion: the network sees [A~ x_t, A~], the loss is on A
 
+The clean arm is the same run in every family (whether a sample is corrupted is drawn before, and
+independently of, what the corruption is), so it is trained once and reused.
+
 Each arm samples the captions of held-out clean images; reported per arm:
 
     fd          Fréchet distance of full-resolution pixels (3 x 32 x 32) to other held-out clean
@@ -125,83 +128,122 @@ def family_figure(family: str, grids: dict[str, torch.Tensor], captions: list[st
     out.save(path)
 
 
+def reuse_clean_arm(out: Path, family: str, args) -> bool:
+    """The clean arm trains on the same images in every family (a sample's clean-or-corrupted draw
+    does not depend on the corruption), so one finished clean arm serves all: copy its row and samples."""
+    import shutil
+
+    path = out / "results.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for row in rows:
+        same = all(row.get(k) == v for k, v in (("arm", "clean"), ("n", args.n), ("steps", args.steps),
+                                                  ("seed", args.seed), ("clean_fraction", args.clean_fraction)))
+        samples = out / row["family"] / "clean" / "bench_samples.pt"
+        if same and row["family"] != family and samples.exists():
+            (out / family / "clean").mkdir(parents=True, exist_ok=True)
+            shutil.copy(samples, out / family / "clean" / "bench_samples.pt")
+            save_row(path, {**row, "family": family, "corruption": FAMILIES[family]["corruption"],
+                            "reused_from": row["family"]})
+            return True
+    return False
+
+
+def save_row(path: Path, row: dict) -> list[dict]:
+    """Add (or replace) one arm's row in results.json, re-reading it first: several invocations
+    may share one output folder."""
+    rows = json.loads(path.read_text()) if path.exists() else []
+    same = ("family", "arm", "seed", "steps", "n")
+    rows = [r for r in rows if any(r.get(k) != row[k] for k in same)] + [row]
+    path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def report(out: Path, args, floor: float, floor8: float, captions: list[str]) -> None:
+    """Figures, CSV and the RESULTS.md section from results.json and each arm's saved samples."""
+    from microdiff.utils.plots import grouped_bars
+
+    rows = json.loads((out / "results.json").read_text())
+    write_csv(rows, out / "results.csv")
+    by_family: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_family.setdefault(r["family"], {})[r["arm"]] = r["fd"]
+    for family in by_family:
+        grids = {arm: torch.load(out / family / arm / "bench_samples.pt").float() / 255 for arm in ARMS
+                 if (out / family / arm / "bench_samples.pt").exists()}
+        if grids:
+            family_figure(family, grids, captions, out / f"{family}.png")
+    grouped_bars(by_family, out / "fd.png", title=f"pixel FD to held-out clean images (real vs real {floor:.1f})",
+                 ylabel="FD (lower is better)")
+    columns = ("family", "arm", "fd", "fd8", "alignment", "sharpness", "memorisation", "train_seconds")
+    table = markdown_table([{k: r[k] for k in columns} for r in rows])
+    print(table)
+    if not args.no_results_md:
+        write_section("ambient", f"`python benchmarks/ambient.py` with N={args.n}, {args.clean_fraction:.0%} clean, "
+                      f"{args.steps} steps x batch {args.batch_size}, seed {args.seed}, {args.fd_samples} images per FD "
+                      f"set (real-vs-real floor: fd {floor:.2f}, fd8 {floor8:.3f}). Lower fd/fd8 is better; sharpness "
+                      "and memorisation are ratios to real images (1 = like real data).\n\n" + table)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="blur,noise,mask", help="comma list of: " + ", ".join(FAMILIES))
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--n", type=int, default=1000, help="training images (default 1000)")
     parser.add_argument("--clean-fraction", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--fd-samples", type=int, default=300, help="generated and real images per FD set")
-    parser.add_argument("--sample-batch", type=int, default=100)
+    parser.add_argument("--sample-batch", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/ambient-bench")
     parser.add_argument("--ambient-overrides", nargs="*", default=[], help="extra key=value for the ambient arms")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild figures/tables from OUT")
     parser.add_argument("--no-results-md", action="store_true", help="do not write benchmarks/RESULTS.md")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from microdiff.demo import demo_config_path, held_out
+    from microdiff.eval.frechet import frechet_distance_from_features, pixel_features
     from microdiff.pipeline import Pipeline
     from microdiff.train.config import load_config
     from microdiff.train.trainer import Trainer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(demo_config_path())
-    vocabulary = dict(base.data.vocabulary)
+    vocabulary = dict(load_config(demo_config_path()).data.vocabulary)
     _, captions = held_out(args.fd_samples, args.resolution, vocabulary)
     real_ref = held_out(args.fd_samples, args.resolution, vocabulary, seed=54321)[0]
     real_other = held_out(args.fd_samples, args.resolution, vocabulary, seed=12345)[0]
-    from microdiff.eval.frechet import frechet_distance_from_features, pixel_features
-
     floor = frechet_distance_from_features(pixel_features(real_other, args.resolution),
                                            pixel_features(real_ref, args.resolution))
     floor8 = frechet_distance_from_features(pixel_features(real_other, 8), pixel_features(real_ref, 8))
-    results_path = out / "results.json"
-    rows = json.loads(results_path.read_text()) if results_path.exists() else []
-    for family in args.families.split(","):
-        grids = {}
-        for arm in args.arms.split(","):
-            config = load_config(demo_config_path(), arm_overrides(family, arm, args))
-            run = out / family / arm
-            start = time.perf_counter()
-            print(f"== {family} / {arm}: {args.steps} steps into {run}", flush=True)
-            Trainer(config, run).fit(resume="auto")
-            seconds = time.perf_counter() - start
-            pipe = Pipeline.from_pretrained(run / "pipeline")
-            clean_train = clean_training_images(load_config(demo_config_path(), arm_overrides(family, "clean", args)))
-            metrics, images = evaluate_arm(pipe, captions, real_ref, clean_train, args)
-            grids[arm] = images
-            row = {"family": family, "arm": arm, "corruption": FAMILIES[family]["corruption"], "n": args.n,
-                   "clean_fraction": args.clean_fraction, "steps": args.steps, "seed": args.seed,
-                   **{k: round(v, 4) for k, v in metrics.items()}, "fd_floor": round(floor, 4),
-                   "fd8_floor": round(floor8, 4), "train_seconds": round(seconds, 1)}
-            print("   " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("family", "arm")), flush=True)
-            rows = [r for r in rows if not (r["family"] == family and r["arm"] == arm and r["seed"] == args.seed
-                                            and r["steps"] == args.steps and r["n"] == args.n)] + [row]
-            results_path.write_text(json.dumps(rows, indent=1))
-        family_figure(family, grids, captions, out / f"{family}.png")
-    write_csv(rows, out / "results.csv")
-    from microdiff.utils.plots import grouped_bars
-
-    latest = {}
-    for r in rows:
-        latest.setdefault(r["family"], {})[r["arm"]] = r["fd"]
-    grouped_bars(latest, out / "fd.png", title=f"pixel FD to held-out clean images (floor {floor:.2f})",
-                 ylabel="FD (lower is better)")
-    table = markdown_table([{k: r[k] for k in ("family", "arm", "fd", "fd8", "alignment", "sharpness", "memorisation",
-                                                "train_seconds")} for r in rows])
-    print(table)
-    if not args.no_results_md:
-        write_section("ambient", f"`python benchmarks/ambient.py {' '.join(sys.argv[1:])}`: N={args.n}, "
-                      f"{args.clean_fraction:.0%} clean, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, "
-                      f"{args.fd_samples} images per FD set (real-vs-real floor {floor:.3f}, fd8 {floor8:.3f}).\n\n" + table)
+    if not args.report_only:
+        for family in args.families.split(","):
+            for arm in args.arms.split(","):
+                if arm == "clean" and reuse_clean_arm(out, family, args):
+                    print(f"== {family} / clean: the same run as another family's clean arm (reused)", flush=True)
+                    continue
+                config = load_config(demo_config_path(), arm_overrides(family, arm, args))
+                run = out / family / arm
+                start = time.perf_counter()
+                print(f"== {family} / {arm}: {args.steps} steps into {run}", flush=True)
+                Trainer(config, run).fit(resume="auto")
+                seconds = time.perf_counter() - start
+                pipe = Pipeline.from_pretrained(run / "pipeline")
+                clean_train = clean_training_images(load_config(demo_config_path(), arm_overrides(family, "clean", args)))
+                metrics, images = evaluate_arm(pipe, captions, real_ref, clean_train, args)
+                torch.save((images * 255).round().to(torch.uint8), run / "bench_samples.pt")
+                row = {"family": family, "arm": arm, "corruption": FAMILIES[family]["corruption"], "n": args.n,
+                       "clean_fraction": args.clean_fraction, "steps": args.steps, "seed": args.seed,
+                       **{k: round(v, 4) for k, v in metrics.items()}, "fd_floor": round(floor, 4),
+                       "fd8_floor": round(floor8, 4), "train_seconds": round(seconds, 1)}
+                print("   " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("family", "arm")), flush=True)
+                save_row(out / "results.json", row)
+    report(out, args, floor, floor8, captions)
     return 0
 
 

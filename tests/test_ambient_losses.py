@@ -241,3 +241,23 @@ def test_model_without_mask_channels_predicts_hidden_pixels_with_its_raw_output(
     table.in_channels = 2
     denoising_loss(Denoiser(table, EDM(0.5)), x0, sigma, noise=noise, mask=observed, input_mask=seen).loss.backward()
     assert bool((table.out.grad[(observed == 0).expand_as(x0)] == 0).all())
+
+
+def test_consistency_loss_is_zero_in_expectation_for_the_true_denoiser():
+    """Gaussian data: the exact denoiser is self-consistent (E[L] = 0), a wrong one at low noise is not."""
+    from microdiff.ambient.consistency import consistency_loss
+
+    def exact(x, sigma, slope=1.0):
+        s = sigma.view(-1, 1)
+        return MU + slope * S0**2 / (S0**2 + s**2) * (x - MU)
+
+    n = 100_000
+    g = torch.Generator().manual_seed(11)
+    sigma_tn, sigma = torch.full((n,), 0.8, dtype=torch.float64), torch.full((n,), 0.2, dtype=torch.float64)
+    x_tn = MU + (S0**2 + 0.64) ** 0.5 * torch.randn(n, 1, dtype=torch.float64, generator=g)
+    good = consistency_loss(exact, x_tn, sigma_tn, sigma, steps=6, generator=g)
+    wrong = consistency_loss(lambda x, s: exact(x, s, 1.3 if float(s[0]) < 0.5 else 1.0), x_tn, sigma_tn, sigma,
+                             steps=6, generator=g)
+    se = float(good.std()) / n**0.5
+    assert abs(float(good.mean())) < 4 * se
+    assert float(wrong.mean()) > 20 * se

@@ -309,3 +309,27 @@ def test_finetune_a_plain_model_on_masked_data_without_mask_channels(tmp_path):
     pipe = Pipeline.from_pretrained(tmp_path / "tune" / "pipeline")
     assert pipe.denoiser.backbone.in_channels == 3 and pipe.defaults.mask_keep_prob == pytest.approx(0.9)
     assert pipe.generate(["a red circle"], num_inference_steps=2).shape == (1, 3, 16, 16)
+
+
+def test_truncated_sampling_returns_the_x0_estimate_at_the_stop_level():
+    from microdiff.diffusion import schedules
+    from microdiff.diffusion.samplers import get_sampler
+
+    grid = schedules.truncate(schedules.karras(10, 0.002, 80.0, dtype=torch.float64), 0.5)
+    assert float(grid[-2]) == 0.5 and float(grid[-1]) == 0 and bool((grid[:-2] > 0.5).all())
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append(float(sigma[0]))
+        return x * 0.5  # any deterministic function of (x, sigma)
+
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    states = []
+    for name in ("euler", "heun"):
+        seen.clear()
+        out = get_sampler(name)(denoiser, x, grid, callback=lambda d: states.append(d), disable=True)
+        last = states[-1]
+        assert float(last["sigma"]) == 0.5 and min(seen) == 0.5
+        torch.testing.assert_close(out, last["x"] * 0.5)  # D(x, sigma_stop)
+    with pytest.raises(ValueError, match="must be > 0"):
+        schedules.truncate(grid, 0.0)

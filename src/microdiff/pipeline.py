@@ -57,6 +57,7 @@ class SamplingDefaults:
     caption_layout: str = "B1LC"  # "B1LC" (MicroDiT / micro_diffusion) or "BLC"
     # Ambient Diffusion models (2C input channels): each image is sampled with fixed masks A~ kept with
     # this probability (block x block squares), D averaged over mask_draws of them; None: no masks
+    truncate_sigma: float | None = None  # stop at this sigma and return x0_hat (models of data noisy there)
     mask_keep_prob: float | None = None
     mask_draws: int = 1
     mask_block: int = 1
@@ -278,6 +279,8 @@ class Pipeline:
         sample = get_sampler(name)
         shape = self.latent_shape(height or d.height, width or d.width)
         sigmas = schedules.karras(steps, d.sigma_min, d.sigma_max, d.rho, device=self.device, dtype=torch.float64)
+        if d.truncate_sigma:
+            sigmas = schedules.truncate(sigmas, d.truncate_sigma)
         generators = per_sample_generators(seed, n)
         images = []
         for start in range(0, n, batch_size):

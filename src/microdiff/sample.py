@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (ddim sampler; 1 = ancestral)")
+    parser.add_argument("--truncate-sigma", type=float, default=None,
+                        help="stop at this sigma and return the denoiser's x0 estimate (models trained on data "
+                             "noisy at that level; default: the pipeline's, usually off)")
     parser.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default: 0)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to make (default: 1)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default: 8)")
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, OSError, ValueError) as err:
             print(f"microdiff sample: {err}", file=sys.stderr)
             return 2
+    if args.truncate_sigma is not None:
+        pipe.defaults.truncate_sigma = args.truncate_sigma or None
     if args.compile:
         pipe.compile()
     out = Path(args.out)
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     size = {"height": args.size, "width": args.size} if args.size else {}
     settings = {"sampler": args.sampler or pipe.defaults.sampler, "steps": args.steps or pipe.defaults.num_inference_steps,
                 "cfg": pipe.defaults.guidance_scale if args.cfg is None else args.cfg, "eta": args.eta,
-                "checkpoint": str(args.checkpoint), "clip_model": args.clip_model,
+                "truncate_sigma": pipe.defaults.truncate_sigma, "checkpoint": str(args.checkpoint),
+                "clip_model": args.clip_model,
                 "clip_guidance_scale": args.clip_guidance_scale if args.clip_model else None,
                 "images": " | ".join(args.images) or None}
     prompt_text = " | ".join(f"{t}:{w:g}" for t, w in prompts)

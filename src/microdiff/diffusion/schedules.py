@@ -104,6 +104,18 @@ GRIDS = {
 }
 
 
+def truncate(sigmas: torch.Tensor, sigma_stop: float) -> torch.Tensor:
+    """Truncated sampling: the grid's levels above ``sigma_stop``, then ``sigma_stop``, then 0. The
+    last step (to 0) of every sampler here returns x0_hat = D(x, sigma_stop): for a model trained only
+    on data noisy at sigma_stop (Ambient), its best guess of the clean image from there."""
+    if not sigma_stop > 0:
+        raise ValueError(f"truncate_sigma={sigma_stop}: must be > 0 (0 is ordinary sampling)")
+    above = sigmas[sigmas > sigma_stop]
+    if len(above) == 0:
+        raise ValueError(f"truncate_sigma={sigma_stop} is not below the grid's largest sigma {float(sigmas[0]):.4g}")
+    return torch.cat([above, above.new_tensor([sigma_stop, 0.0])])
+
+
 def check_sigmas(sigmas: torch.Tensor) -> None:
     """Raise a one-line ValueError unless ``sigmas`` is a valid sampling grid."""
     if not isinstance(sigmas, torch.Tensor):

@@ -154,6 +154,7 @@ class SamplingConfig:  # the pipeline's defaults (and the grids logged during tr
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    truncate_sigma: Union[float, None] = None  # stop there and return x0_hat (e.g. every sample noisy at it)
 
 
 @dataclass
