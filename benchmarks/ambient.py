@@ -8,7 +8,8 @@ family three arms at equal compute (same steps, batch and model):
     naive    every image, the corrupted ones as if they were clean
     ambient  every image, with microdiff's ambient options for the family:
                noise  each image's trusted level sigma_tn = the noise std (Ambient Tweedie loss)
-               blur   a rule: blurred images only above sigma_tn (Ambient-o's high-noise use)
+               blur   blurred images only above a per-sample sigma_tn that `microdiff annotate`
+                      finds (Ambient-o's classifier; run first, into OUT/annotate-blur)
                mask   Ambient Diffusion: the network sees [A~ x_t, A~], the loss is on A
 
 The clean arm is the same run in every family (whether a sample is corrupted is drawn before, and
@@ -48,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import markdown_table, write_csv, write_section  # noqa: E402
 
 FAMILIES = {
-    "blur": {"corruption": "blur:1.5", "ambient": ["ambient.rules=[{match: {corruption: blur}, sigma_tn: 0.6}]"]},
+    # blurred images get per-sample levels from `microdiff annotate` (Ambient-o's classifier), run first
+    "blur": {"corruption": "blur:1.5", "ambient": [], "annotate": True},
     "noise": {"corruption": "noise:0.2", "ambient": []},  # sigma_tn comes with each noisy image's meta
     "mask": {"corruption": "mask:0.4", "ambient": ["ambient.mask_input=true", "ambient.delta=0.1"]},
 }
@@ -67,7 +69,26 @@ def arm_overrides(family: str, arm: str, args) -> list[str]:
         return [*common, "data.min_quality=0.5"]
     if arm == "naive":
         return common
-    return [*common, "ambient.enabled=true", *spec["ambient"], *args.ambient_overrides]
+    levels = [f"ambient.annotations={annotations_path(family, args)}"] if spec.get("annotate") else []
+    return [*common, "ambient.enabled=true", *spec["ambient"], *levels, *args.ambient_overrides]
+
+
+def annotations_path(family: str, args) -> Path:
+    return Path(args.out) / f"annotate-{family}" / "annotations.csv"
+
+
+def ensure_annotations(family: str, args, vocabulary: dict) -> None:
+    """Run `microdiff annotate` on the family's training set (same source, seed and corruption)."""
+    path = annotations_path(family, args)
+    if path.exists():
+        return
+    from microdiff.ambient.annotate import AnnotateConfig, annotate
+
+    print(f"== {family}: microdiff annotate -> {path.parent}", flush=True)
+    summary = annotate(f"shapes:{args.n}", path.parent, AnnotateConfig(
+        resolution=args.resolution, corruption=[[1 - args.clean_fraction, FAMILIES[family]["corruption"]]],
+        vocabulary=vocabulary, data_seed=args.seed, device=args.device, progress=not args.quiet))
+    print(f"   low-quality sigma_tn median {summary['sigma_tn']['median']:.3g}", flush=True)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -227,6 +248,8 @@ def main() -> int:
                 if arm == "clean" and reuse_clean_arm(out, family, args):
                     print(f"== {family} / clean: the same run as another family's clean arm (reused)", flush=True)
                     continue
+                if arm == "ambient" and FAMILIES[family].get("annotate"):
+                    ensure_annotations(family, args, vocabulary)
                 config = load_config(demo_config_path(), arm_overrides(family, arm, args))
                 run = out / family / arm
                 start = time.perf_counter()

@@ -197,10 +197,15 @@ def test_masked_input_denoiser_ignores_what_it_does_not_see():
             captured["x"] = x
             return super().forward(x, t)
 
-    Denoiser(Spy(2), EDM(0.5))(x, sigma, input_mask=seen)
-    c_in = (sigma**2 + 0.25).rsqrt().view(-1, 1, 1, 1)
+    spy = Spy(2)
+    d = Denoiser(spy, EDM(0.5))(x, sigma, input_mask=seen)
+    c_skip, c_out, c_in = (v.view(-1, 1, 1, 1) for v in EDM(0.5).scalings(sigma))
     torch.testing.assert_close(captured["x"][:, :2], c_in * seen * x)
     torch.testing.assert_close(captured["x"][:, 2:], seen.expand(-1, 2, -1, -1))
+    # seen elements: the usual c_skip x + c_out F; hidden ones: F itself (an x0 prediction, well
+    # conditioned at low sigma where c_out -> 0)
+    F = spy.conv(captured["x"])
+    torch.testing.assert_close(d, seen * (c_skip * seen * x + c_out * F) + (1 - seen) * F)
 
 
 class ConvC(nn.Module):

@@ -18,12 +18,12 @@ def _run(*args, cwd=None):
 def test_help_lists_the_subcommands():
     out = _run("--help")
     assert out.returncode == 0
-    for name in ["demo", "train", "sample", "eval", "data"]:
+    for name in ["demo", "train", "sample", "eval", "data", "annotate"]:
         assert name in out.stdout
     assert "examples:" in out.stdout
 
 
-@pytest.mark.parametrize("name", ["demo", "train", "sample", "eval", "data"])
+@pytest.mark.parametrize("name", ["demo", "train", "sample", "eval", "data", "annotate"])
 def test_every_subcommand_has_help(name):
     out = _run(name, "--help")
     assert out.returncode == 0 and "usage: microdiff " + name in out.stdout

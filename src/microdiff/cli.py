@@ -44,6 +44,11 @@ TOP_COMMANDS = {
     "sample": ("microdiff.sample", "generate images from a pipeline folder with weighted prompts",
                ['microdiff sample "a red circle:1" "blurry:-0.3" --checkpoint runs/shapes/pipeline -n 16 --grid',
                 'microdiff sample "a small blue square" --checkpoint DIR --sampler ddim --eta 1 --steps 50 --seed 3']),
+    "annotate": ("microdiff.ambient.annotate", "train a noise-conditional quality classifier and annotate each "
+                 "low-quality sample with the noise level sigma_tn above which training may use it (Ambient-o)",
+                 ["microdiff annotate shapes:2000 --corruption noise:0.1@0.25,blur:1.0@0.25 --resolution 32 --out runs/annotate",
+                  "microdiff annotate data/mixed --split corruption --autoencoder microdiff-vae:runs/vae/autoencoder "
+                  "--out runs/annotate-latent"]),
     "train-autoencoder": ("microdiff.encoders.train_autoencoder", "train a KL-VAE or VQGAN on your images "
                           "(L1 + optional perceptual + PatchGAN losses), then train latent diffusion on it",
                           ["microdiff train-autoencoder --data shapes:2000 --out runs/vae --kind vae "

@@ -212,9 +212,9 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, input_mask: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """x0_hat. With ``input_mask`` the backbone and the skip see only ``m * x``, so D depends on the
-        seen elements alone. A backbone with mask channels predicts hidden elements through its usual
-        c_skip * m * x + c_out * F; one without them (Ambient Diffusion's fine-tuning of a pretrained
-        model) gives the x0 estimate in seen elements and its raw output F as x0 in hidden ones."""
+        seen elements alone: D is the usual c_skip * x + c_out * F where the network sees, and its raw
+        output F (an x0 prediction) where it does not. (Through c_out * F the hidden elements would need
+        F ~ x0 / c_out, which blows up at low sigma, where c_out -> 0.)"""
         out, sigma = self.model_output(x, sigma, input_mask=input_mask, **cond)
         F = first_output(out).to(x.dtype)
         if F.shape != x.shape:
@@ -224,7 +224,7 @@ class Denoiser(nn.Module):
             )
         c_skip, c_out, _ = self.parameterization.scalings(append_dims(sigma, x.ndim))
         estimate = c_skip * seen_input(x, input_mask) + c_out * F
-        if input_mask is None or self.has_mask_channels(x.shape[1]):
+        if input_mask is None:
             return estimate
         mask = input_mask.to(x.dtype)
         return mask * estimate + (1 - mask) * F

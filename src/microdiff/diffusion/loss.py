@@ -195,7 +195,8 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
         sigma_tn^2)^2 = 1/(1-r)^2 ("ambient_o", Ambient-o's weighting: the |D - x0_eff|^2 error at
         full weight). sigma_tn = 0 is the plain loss. Every sample needs sigma > sigma_tn (or sigma_tn = 0).
       input_mask: what the network sees (Ambient Diffusion's A-tilde); the denoiser gets
-        ``[c_in * m * x, m]`` and its skip uses ``m * x``. Score the loss on A with ``mask``.
+        ``[c_in * m * x, m]`` (or ``c_in * m * x`` without mask channels), its skip uses ``m * x`` and
+        F itself is the x0 prediction of hidden elements. Score the loss on A with ``mask``.
     """
     if sigma.shape != (x0.shape[0],):
         raise ValueError(f"sigma must have shape ({x0.shape[0]},), got {tuple(sigma.shape)}")
@@ -222,9 +223,9 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
     weight = weighting(sigma) * param.scalings(sigma)[1] ** 2
     if factor is not None:
         weight = weight * factor.to(weight.dtype)
-    if input_mask is not None and not denoiser.has_mask_channels(x0.shape[1]):
-        # no mask channels: hidden elements are predicted by F itself (D = F there), so F's target is
-        # x0_eff with weight lambda(sigma) (* the ambient factor) instead of c_out^2 times that
+    if input_mask is not None:
+        # hidden elements are predicted by F itself (D = F there, see Denoiser.forward), so F's target
+        # there is x0_eff with weight lambda(sigma) (* the ambient factor) instead of c_out^2 times that
         seen = input_mask.to(x0.dtype).expand_as(x0)
         hidden_weight = append_dims(weight / param.scalings(sigma)[1] ** 2, x0.ndim)
         target = seen * target + (1 - seen) * target_x0
