@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
