@@ -333,3 +333,18 @@ def test_truncated_sampling_returns_the_x0_estimate_at_the_stop_level():
         torch.testing.assert_close(out, last["x"] * 0.5)  # D(x, sigma_stop)
     with pytest.raises(ValueError, match="must be > 0"):
         schedules.truncate(grid, 0.0)
+
+
+def test_min_quality_keeps_only_samples_at_or_above_it():
+    from microdiff.train.config import DataConfig
+    from microdiff.train.data import build_batches, build_map_dataset, split_batch
+
+    config = DataConfig(source="shapes:60", resolution=16, corruption=[[0.7, "noise:0.2"]], min_quality=0.5)
+    full = build_map_dataset(DataConfig(source="shapes:60", resolution=16, corruption=[[0.7, "noise:0.2"]]))
+    clean = [i for i in range(60) if full[i]["meta"]["quality"] >= 0.5]
+    batches = build_batches(config, 4, split_batch(4, 1, 0, 4), 0, 1, progress=False)
+    assert len(batches.dataset) == len(clean) and 5 < len(clean) < 40
+    assert all(batches.dataset[j]["meta"]["corruption"] == "none" for j in range(len(clean)))
+    with pytest.raises(ValueError, match="no sample has quality >= data.min_quality=2"):
+        build_batches(DataConfig(source="shapes:8", resolution=16, min_quality=2.0), 4, split_batch(4, 1, 0, 4), 0, 1,
+                      progress=False)
