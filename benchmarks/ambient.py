@@ -99,11 +99,16 @@ def sharpness(images: torch.Tensor) -> float:
     return float((dx + dy) / 2)
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Per query, the RMS pixel distance to its nearest image in ``bank``."""
+def nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the RMS pixel distance to its nearest image in ``bank``, and that image's index."""
     q, b = queries.flatten(1).double(), bank.flatten(1).double()
     d2 = (q.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * q @ b.T).clamp(min=0)
-    return (d2.min(1).values / q.shape[1]).sqrt()
+    best = d2.min(1)
+    return (best.values / q.shape[1]).sqrt(), best.indices
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    return nearest(queries, bank)[0]
 
 
 def clean_training_images(config) -> torch.Tensor:

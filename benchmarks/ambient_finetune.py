@@ -68,7 +68,7 @@ def main() -> int:
         print(f"{args.base}: no pipeline folder; run `make demo` first (or pass --base)", file=sys.stderr)
         return 2
 
-    from ambient import nearest_distance  # the other benchmark's metric helpers
+    from ambient import nearest, nearest_distance  # the other benchmark's metric helpers
     from microdiff.demo import demo_config_path, held_out
     from microdiff.eval.frechet import frechet_distance_from_features, pixel_features
     from microdiff.eval.shapes_checker import prompt_alignment
@@ -95,8 +95,7 @@ def main() -> int:
         seconds = time.perf_counter() - start
         pipe = Pipeline.from_pretrained(run / "pipeline")
         images = pipe.generate(prompt=captions, seed=4242, batch_size=64)
-        d = nearest_distance(images, train_images)
-        nearest = ((images.flatten(1)[:, None] - train_images.flatten(1)[None]) ** 2).mean(-1).argmin(1)
+        d, closest = nearest(images, train_images)
         fd = frechet_distance_from_features(pixel_features(images, 8), pixel_features(reference, 8))
         rows.append({"arm": arm, "copies": f"{int((d < threshold).sum())}/{len(d)}",
                      "median_nn_ratio": round(float(d.median() / fresh_d.median()), 3),
@@ -104,7 +103,7 @@ def main() -> int:
                      "train_seconds": round(seconds, 1)})
         print("   ", rows[-1], flush=True)
         order = d.argsort()[:12]
-        pairs = torch.stack([torch.stack([images[i], train_images[nearest[i]]]) for i in order]).flatten(0, 1)
+        pairs = torch.stack([torch.stack([images[i], train_images[closest[i]]]) for i in order]).flatten(0, 1)
         labels = [t for i in order for t in (f"{arm} d={float(d[i]):.3f}", "nearest training image")]
         panels.append(captioned_grid(pairs, labels, columns=8, cell=64))
     out.mkdir(parents=True, exist_ok=True)

@@ -503,8 +503,6 @@ def parse_mixture(text: str) -> list[tuple[float, Any]]:
 
     text = text.strip()
     if text.startswith("["):
-        import yaml
-
         try:
             mixture = yaml.safe_load(text)
         except yaml.YAMLError as err:
