@@ -348,3 +348,78 @@ def test_min_quality_keeps_only_samples_at_or_above_it():
     with pytest.raises(ValueError, match="no sample has quality >= data.min_quality=2"):
         build_batches(DataConfig(source="shapes:8", resolution=16, min_quality=2.0), 4, split_batch(4, 1, 0, 4), 0, 1,
                       progress=False)
+
+
+# ----------------------------------------------------------------------------- consistency phase
+@pytest.mark.parametrize("options,message", [
+    ({"consistency_weight": -1.0}, "must be >= 0"),
+    ({"consistency_weight": 0.5, "consistency_steps": 0}, "both must be integers >= 1"),
+    ({"consistency_weight": 0.5, "target": "plain"}, "needs ambient.target=tweedie"),
+    ({"consistency_weight": 0.5, "mask_input": True}, "cannot be combined with ambient.mask_input"),
+])
+def test_consistency_options_are_checked(options, message):
+    cfg = AmbientConfig(enabled=True, **options)
+    with pytest.raises(ConfigError, match=message):
+        AmbientStep(cfg, LevelTable(cfg, pixel_space=True), LogNormal(0, 1), seed=0)
+
+
+def test_consistency_inputs_pick_noisy_samples_below_their_level_and_repeat_per_step():
+    cfg = AmbientConfig(enabled=True, consistency_weight=0.5, consistency_samples=2)
+    step = AmbientStep(cfg, LevelTable(cfg, pixel_space=True), LogNormal(-1.2, 1.2), seed=1)
+    metas = [{"sigma_tn": 0.0}, {"sigma_tn": 0.3}, {"sigma_tn": 0.0}, {"sigma_tn": 0.8}, {"sigma_tn": 0.5}]
+    batch = _batch(list("abcde"), metas)
+    x0 = torch.randn(5, 3, 8, 8)
+    x_tn, _, kwargs, _ = step(batch, x0, torch.full((5,), 2.0), step=4, offset=0)
+    out = kwargs["consistency"]
+    assert out["index"].tolist() == [1, 3]  # the first two noisy samples
+    assert bool((out["sigma"] > 0).all()) and bool((out["sigma"] <= torch.tensor([0.3, 0.8])).all())
+    torch.testing.assert_close(out["x_tn"], x_tn[[1, 3]])  # with their fixed noise realisation added
+    assert not torch.equal(out["x_tn"], x0[[1, 3]])
+    again = step(batch, x0, torch.full((5,), 2.0), step=4, offset=0)[2]["consistency"]
+    torch.testing.assert_close(again["sigma"], out["sigma"], rtol=0, atol=0)
+    clean = step(_batch(["a"], [{"sigma_tn": 0.0}]), x0[:1], torch.ones(1), step=0, offset=0)[2]
+    assert clean["consistency"] is None
+
+
+def test_train_module_adds_the_weighted_consistency_loss_to_the_denoising_loss():
+    from microdiff.ambient.consistency import consistency_loss
+    from microdiff.diffusion.denoiser import Denoiser, make_parameterization
+    from microdiff.diffusion.loss import denoising_loss, make_weighting
+    from microdiff.models.unet import UNet
+    from microdiff.train.trainer import TrainModule
+
+    torch.manual_seed(0)
+    backbone = UNet(in_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_downsample=(2,),
+                    attention_head_dim=8, caption_channels=4, norm_groups=4)
+    param = make_parameterization("edm", sigma_data=0.5)
+    weighting = make_weighting("edm", param)
+    module = TrainModule(backbone, param, None, "BLC", caption_mask=True)
+    x, noise = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    sigma, sigma_tn = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.0, 0.4, 0.3])
+    text = {"text": torch.randn(3, 2, 4), "text_mask": torch.ones(3, 2, dtype=torch.bool)}
+    drop = torch.tensor([False, True, False])
+    inputs = {"index": torch.tensor([1, 2]), "x_tn": x[[1, 2]], "sigma_tn": sigma_tn[[1, 2]],
+              "sigma": torch.tensor([0.1, 0.2]), "steps": 2, "weight": 0.25}
+    ambient = {"sigma_tn": sigma_tn, "consistency": {**inputs, "generator": torch.Generator().manual_seed(7)}}
+    loss, _ = module(x, sigma, noise, text, drop, weighting, "mean", None, ambient)
+
+    denoiser = Denoiser(backbone, param)
+    cond = module.condition(text, drop)
+    plain = denoising_loss(denoiser, x, sigma, noise=noise, weighting=weighting, reduction="mean", cond=cond,
+                           sigma_tn=sigma_tn).loss
+    sub = {k: v[[1, 2]] for k, v in cond.items()}
+    extra = consistency_loss(denoiser, x[[1, 2]], sigma_tn[[1, 2]], inputs["sigma"], 2,
+                             torch.Generator().manual_seed(7), **sub).mean() / x[0].numel()
+    assert float(extra.detach()) != 0
+    torch.testing.assert_close(loss, plain + 0.25 * extra)
+    torch.testing.assert_close(module.last_consistency, extra)
+
+
+def test_a_run_with_the_consistency_phase_logs_it(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml",
+                       data={"source": "shapes:24", "resolution": 16, "cache": True, "corruption": [[0.7, "noise:0.4"]]},
+                       ambient={"enabled": True, "consistency_weight": 0.5, "consistency_steps": 2},
+                       log={"every": 2}, train={"steps": 4, "batch_size": 8, "threads": 1})
+    run_train(cfg, tmp_path / "run")
+    rows = _metrics(tmp_path / "run")
+    assert rows and all("consistency" in r and math.isfinite(r["consistency"]) for r in rows)

@@ -188,6 +188,24 @@ def truncated_sigma(noise_dist, lo: torch.Tensor, hi: torch.Tensor, generator: t
                      f"noise.distribution; widen the distribution or lower the sample's sigma_tn")
 
 
+def check_consistency(config: AmbientConfig) -> None:
+    """The consistency phase needs noisy samples with the Tweedie target (x_tn) and unmasked inputs."""
+    if config.consistency_weight < 0:
+        raise ConfigError(f"ambient.consistency_weight={config.consistency_weight}: must be >= 0 (0 turns it off)")
+    if config.consistency_weight == 0:
+        return
+    if config.consistency_steps < 1 or config.consistency_samples < 1:
+        raise ConfigError(f"ambient.consistency_steps={config.consistency_steps}, ambient.consistency_samples="
+                          f"{config.consistency_samples}: both must be integers >= 1")
+    if config.target != "tweedie":
+        raise ConfigError("ambient.consistency_weight > 0 needs ambient.target=tweedie: the consistency phase starts "
+                          "its reverse draws from each sample's noisy x_tn")
+    if config.mask_input:
+        raise ConfigError("ambient.consistency_weight > 0 cannot be combined with ambient.mask_input: the consistency "
+                          "phase is for noisy data (sigma_tn), not masked pixels; use ambient.sampling_masks for "
+                          "consistency across masks")
+
+
 # ----------------------------------------------------------------------------- per micro-batch
 class AmbientStep:
     """Turns a micro-batch into the ambient loss's inputs."""
@@ -200,6 +218,7 @@ class AmbientStep:
                 "supervised and it never learns to fill in missing pixels; Ambient Diffusion uses 0.1")
         if config.mask_block < 1:
             raise ConfigError(f"ambient.mask_block={config.mask_block}: must be an integer >= 1")
+        check_consistency(config)
         self.config, self.table, self.noise_dist, self.seed = config, table, noise_dist, int(seed)
 
     def __call__(self, batch: dict[str, Any], x0: torch.Tensor, sigma: torch.Tensor, step: int,
@@ -222,6 +241,8 @@ class AmbientStep:
             sigma_tn = torch.tensor([lv.sigma_tn for lv in levels], dtype=x0.dtype, device=device)
             x0 = self._add_fixed_noise(x0, levels, batch["key"])
             kwargs = {"sigma_tn": sigma_tn, "ambient_weighting": c.weighting}
+        if c.consistency_weight > 0:
+            kwargs["consistency"] = self._consistency_inputs(x0, sigma_tn, step, offset)
         loss_mask = None
         if c.mask_input:
             observed = batch.get("mask")
@@ -238,6 +259,22 @@ class AmbientStep:
                              "(Ambient Diffusion) or ambient.enabled=false (treat the masked images as clean)")
         return x0, sigma, kwargs, loss_mask
 
+    def _consistency_inputs(self, x_tn: torch.Tensor, sigma_tn: torch.Tensor, step: int,
+                            offset: int) -> dict[str, Any] | None:
+        """Up to ``consistency_samples`` noisy samples of the micro-batch, each with a sigma below its
+        sigma_tn drawn from the noise distribution restricted to (0, sigma_tn], and the generator of
+        their reverse draws (all seeded by step and offset, so a resumed run repeats them)."""
+        c = self.config
+        index = (sigma_tn > 0).nonzero().reshape(-1)[:c.consistency_samples]
+        if not len(index):
+            return None
+        gen = torch.Generator().manual_seed(mixed_seed("consistency-sigma", self.seed, step, offset))
+        hi = sigma_tn[index].double().cpu()
+        sigma = truncated_sigma(self.noise_dist, torch.zeros_like(hi), hi, gen).to(x_tn.device, x_tn.dtype)
+        draws = torch.Generator(device=x_tn.device).manual_seed(mixed_seed("consistency-draws", self.seed, step, offset))
+        return {"index": index, "x_tn": x_tn[index], "sigma_tn": sigma_tn[index], "sigma": sigma,
+                "steps": c.consistency_steps, "weight": c.consistency_weight, "generator": draws}
+
     def _add_fixed_noise(self, x0: torch.Tensor, levels: list[Levels], keys: list[str]) -> torch.Tensor:
         """x_tn = x + sqrt(sigma_tn^2 - present^2) z_key: each sample's one noise realisation."""
         extra = [math.sqrt(max(lv.sigma_tn**2 - lv.present**2, 0.0)) for lv in levels]
@@ -252,4 +289,4 @@ class AmbientStep:
 
 
 __all__ = ["Levels", "LevelTable", "EligibilityIndex", "AmbientStep", "check_rules", "rule_matches",
-           "sigma_first_batch", "truncated_sigma", "mixed_seed", "noise_in_data"]
+           "sigma_first_batch", "truncated_sigma", "mixed_seed", "noise_in_data", "check_consistency"]

@@ -89,6 +89,9 @@ class AmbientConfig:  # learning from corrupted data; see docs/ambient.md
     mask_block: int = 1  # B drops block x block squares (a MicroDiT's patch size: the patch-level variant)
     sampling_keep_prob: Union[float, None] = None  # sampling mask survival (default (1 - delta) * mean observed)
     sampling_masks: int = 1  # > 1: average D over this many fixed masks (consistency across masks)
+    consistency_weight: float = 0.0  # > 0: add Ambient Tweedie's consistency loss below sigma_tn (noisy data)
+    consistency_steps: int = 4  # ancestral reverse steps from sigma_tn down to the consistency sigma
+    consistency_samples: int = 4  # noisy samples per micro-batch that get the consistency loss
 
 
 @dataclass

@@ -101,6 +101,9 @@ class Monitor:
                                "grad_norm": sum(m["grad_norm"] for m in window) / len(window),
                                "lr": window[-1]["lr"], "images_per_s": images / max(seconds, 1e-9),
                                "seconds": now - self.started}
+        extra = [m["consistency"] for m in window if "consistency" in m]  # ambient.consistency_weight > 0
+        if extra:
+            row["consistency"] = sum(extra) / len(extra)
         per_sample = torch.cat([m["per_sample"] for m in window])
         sigma = torch.cat([m["sigma"] for m in window])
         for name, (total, count) in loss_by_sigma(per_sample, sigma, list(self.config.sigma_buckets)).items():
@@ -110,8 +113,9 @@ class Monitor:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
-            for key in ("loss", "grad_norm", "lr"):
-                self.writer.add_scalar(f"train/{key}", row[key], step)
+            for key in ("loss", "grad_norm", "lr", "consistency"):
+                if key in row:
+                    self.writer.add_scalar(f"train/{key}", row[key], step)
             self.writer.add_scalar("perf/images_per_s", row["images_per_s"], step)
             for key, value in row.items():
                 if key.startswith("loss_sigma/"):

@@ -92,6 +92,7 @@ class TrainModule(nn.Module):
         self.layout, self.caption_mask = layout, caption_mask
         self.__dict__["compiled"] = None  # torch.compile'd backbone (shares the parameters)
         self.__dict__["caption_cache"] = {}  # caption -> (states, mask) of its real tokens, frozen encoders only
+        self.last_consistency: torch.Tensor | None = None  # the last micro-batch's consistency loss (ambient)
 
     def _frozen_states(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """A frozen encoder's states for ``captions``, each caption encoded once per run; used only when
@@ -139,9 +140,28 @@ class TrainModule(nn.Module):
         """``ambient``: denoising_loss's sigma_tn / ambient_weighting / input_mask (see train/ambient.py)."""
         cond = self.condition(text, drop)
         denoiser = Denoiser(self.compiled or self.backbone, self.parameterization)
+        ambient = dict(ambient or {})
+        consistency = ambient.pop("consistency", None)
         result = denoising_loss(denoiser, x0, sigma, noise=noise, weighting=weighting, reduction=reduction,
-                                mask=mask, cond={**cond, **backbone_kwargs}, **(ambient or {}))
-        return result.loss, result.per_sample
+                                mask=mask, cond={**cond, **backbone_kwargs}, **ambient)
+        loss = result.loss
+        if consistency is not None:  # inside forward, so a DDP-wrapped module sees every call
+            self.last_consistency = consistency_term(denoiser, consistency, cond)
+            loss = loss + consistency["weight"] * self.last_consistency
+        return loss, result.per_sample
+
+
+def consistency_term(denoiser, inputs: dict[str, Any], cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Ambient Tweedie's consistency loss on the chosen noisy samples, per element (mean over samples
+    of the two-draw estimate divided by the elements per sample), so its scale matches the
+    denoising loss's mean reduction."""
+    from ..ambient.consistency import consistency_loss
+
+    index = inputs["index"]
+    sub = {k: v[index] for k, v in cond.items()}
+    per_sample = consistency_loss(denoiser, inputs["x_tn"], inputs["sigma_tn"], inputs["sigma"], inputs["steps"],
+                                  inputs["generator"], **sub)
+    return per_sample.mean() / inputs["x_tn"][0].numel()
 
 
 def _matches(key: str, patterns: list[str]) -> bool:
@@ -473,10 +493,14 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.step)
         self.step += 1
-        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
-                "per_sample": torch.cat(per_samples).float().cpu(), "sigma": torch.cat(sigmas).float().cpu(),
-                "images": sum(int(b["latent" if "latent" in b else "image"].shape[0])
-                              for _, b in micro_batches if b is not None) * self.dist.world_size}
+        metrics = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
+                   "per_sample": torch.cat(per_samples).float().cpu(), "sigma": torch.cat(sigmas).float().cpu(),
+                   "images": sum(int(b["latent" if "latent" in b else "image"].shape[0])
+                                 for _, b in micro_batches if b is not None) * self.dist.world_size}
+        if self.module.last_consistency is not None:
+            metrics["consistency"] = float(self.module.last_consistency.detach())
+            self.module.last_consistency = None
+        return metrics
 
     def _divergence_message(self, value: float, what: str = "loss") -> str:
         from .checkpoint import latest_checkpoint
