@@ -6,8 +6,14 @@ import argparse
 import importlib
 import sys
 
-PLANNED = {
-    "eval": ("FID/FD, CLIP score, prompt suites and memorisation checks", 8),
+PLANNED: dict[str, tuple[str, int]] = {}  # name -> (summary, issue) of commands announced but not built yet
+
+EVAL_COMMANDS = {
+    "fid": ("microdiff.eval.fid", "Fréchet distance (and KID, precision/recall, Vendi) of a folder of images "
+            "against a reference folder or .npz statistics, in Inception, DINOv2, CLIP or your own features",
+            ["microdiff eval fid --gen samples/ --ref data/val/ --features inception:pt_inception-2015-12-05.pth",
+             "microdiff eval fid --gen samples/ --ref val-dinov2.npz --features dinov2 --metrics fd,kid,pr,vendi",
+             "microdiff eval fid --ref data/val/ --features dinov2 --save-ref-stats val-dinov2.npz"]),
 }
 
 # name -> (module with add_arguments(parser) and run(args) -> int, summary, examples)
@@ -102,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=lambda args: (data.print_help(), 0)[1])
     for name, spec in DATA_COMMANDS.items():
         _add_module_command(data_sub, name, *spec)
+
+    evaluate = sub.add_parser("eval", help="FID/FD, KID, precision/recall, CLIP score, prompt suites, memorisation",
+                              description="Evaluation: distances to reference images in pluggable feature spaces.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="examples:\n" + "\n".join(f"  {e}" for _, _, ex in EVAL_COMMANDS.values() for e in ex[:1]))
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    evaluate.set_defaults(func=lambda args: (evaluate.print_help(), 0)[1])
+    for name, spec in EVAL_COMMANDS.items():
+        _add_module_command(eval_sub, name, *spec)
     for name, spec in TOP_COMMANDS.items():
         _add_module_command(sub, name, *spec)
 
