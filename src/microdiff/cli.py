@@ -14,6 +14,14 @@ EVAL_COMMANDS = {
             ["microdiff eval fid --gen samples/ --ref data/val/ --features inception:pt_inception-2015-12-05.pth",
              "microdiff eval fid --gen samples/ --ref val-dinov2.npz --features dinov2 --metrics fd,kid,pr,vendi",
              "microdiff eval fid --ref data/val/ --features dinov2 --save-ref-stats val-dinov2.npz"]),
+    "generate": ("microdiff.eval.generate", "generate one image per prompt and seed of a prompts file (COCO-style "
+                 "CSV, txt, jsonl) from a pipeline folder; resumable, sharded over processes with torchrun",
+                 ["microdiff eval generate --prompts coco30k.csv --checkpoint DIR --out gen/coco",
+                  "torchrun --nproc_per_node 8 -m microdiff eval generate --prompts coco30k.csv --checkpoint DIR "
+                  "--out gen/coco"]),
+    "clip-score": ("microdiff.eval.clipscore", "CLIP score of generated images against their prompts "
+                   "(max(100 cos, 0) per image, as torchmetrics)",
+                   ["microdiff eval clip-score --prompts gen/coco/index.csv"]),
 }
 
 # name -> (module with add_arguments(parser) and run(args) -> int, summary, examples)

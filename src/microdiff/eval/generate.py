@@ -1,0 +1,378 @@
+"""``microdiff eval generate``: one image per (prompt, seed) of a prompt list, for FID and CLIP score on
+COCO-30K-style captions or a prompt suite of your own (DrawBench, PartiPrompts, ...).
+
+    microdiff eval generate --prompts coco30k.csv --checkpoint runs/md/pipeline --out gen/coco
+    torchrun --nproc_per_node 8 -m microdiff eval generate --prompts coco30k.csv --checkpoint DIR --out gen/coco
+    microdiff eval generate --prompts drawbench.txt --checkpoint DIR --out gen/db --seeds 0,1,2,3 --guidance 5
+    microdiff eval fid --gen gen/coco/images --ref coco-val.npz          # then score them
+    microdiff eval clip-score --prompts gen/coco/index.csv
+
+Prompts files:
+  .csv / .tsv    a caption column (the first of caption, prompt, prompts, text; any case) and optionally an
+                 id column (id, image_id, prompt_id); without one, id = data row number (1 = first row)
+  .txt           one prompt per line; id = line number (1-based; blank lines are skipped, still counted)
+  .json / .jsonl a list of {"id": ..., "prompt": ...} objects (caption / text accepted; id optional: its
+                 position, 1-based) or of plain strings; .jsonl holds one per line
+
+Output folder:
+  images/{id}_s{seed}.png   one per prompt and seed (ids made file-safe), the settings in PNG text chunks
+  index.csv                 id, seed, prompt, file (file name inside images/)
+  generate.json             the settings the images were made with: a rerun with other settings refuses
+
+Resumable: images that exist are skipped (and counted); each PNG is written to a hidden temporary file
+and renamed, so a killed run never leaves a half-written image.
+
+Determinism: row i of the file (0-based) with seed s is sampled exactly as
+``pipe.generate([prompt_i], seed=s * SEED_STRIDE + i)``: the pipeline gives every image its own
+generator (seed + k for image k of a call), so one ``generate`` call serves a batch of consecutive rows,
+each with its own seed, and the image does not depend on the batch size, the number of processes or
+resuming (up to float round-off of batched kernels; on the CPU the pixels are identical). With
+``--seeds 0`` the images equal ``pipe.generate(all_prompts, seed=0)``. Reordering the rows of the file
+changes which noise a prompt gets; the id only names the file.
+
+Several processes (torchrun): the work is cut into batches of --batch-size consecutive rows per seed,
+and rank r takes batches r, r + W, r + 2W, ... on cuda:LOCAL_RANK (cpu without a GPU). The batches do
+not depend on W, so one process and eight write the same images. Rank 0 shows the progress bar, waits
+for the others and writes index.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GUIDANCE = 1.5  # micro_diffusion's classifier-free guidance for its COCO FID numbers
+SEED_STRIDE = 1_000_000_000  # seed s of row i uses the pipeline seed s * SEED_STRIDE + i
+ID_COLUMNS = ("id", "image_id", "prompt_id")
+CAPTION_COLUMNS = ("caption", "prompt", "prompts", "text")
+IMAGES_DIR = "images"
+INDEX_NAME = "index.csv"
+SETTINGS_NAME = "generate.json"
+CHECKED = ("checkpoint", "guidance", "steps", "sampler", "eta", "height", "width", "dtype", "seed_stride")
+PNG_KEYS = ("id", "prompt", "seed", "noise_seed", "sampler", "steps", "guidance", "checkpoint")
+
+
+# ----------------------------------------------------------------------------- prompts files
+
+@dataclass(frozen=True)
+class PromptItem:
+    id: str
+    prompt: str
+    name: str  # the id made safe for a file name
+
+    def file(self, seed: int) -> str:
+        return f"{self.name}_s{seed}.png"
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """The prompts of a .csv/.tsv, .txt or .json/.jsonl file (see the module docstring), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompts file; pass a .csv/.tsv with a caption column, a .txt "
+                                "with one prompt per line, or a .json/.jsonl list of {id, prompt}")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".txt", ".json", ".jsonl"):
+        raise ValueError(f"{path}: unknown prompts file type {suffix or '(none)'!r}; use .csv, .tsv, .txt, .json "
+                         "or .jsonl")
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; it needs at least one prompt")
+    if suffix in (".csv", ".tsv"):
+        pairs = _read_table(path, text, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".txt":
+        pairs = [(str(n), line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        pairs = _read_json(path, text, suffix == ".jsonl")
+    if not pairs:
+        raise ValueError(f"{path}: no prompts in the file (only a header or blank lines)")
+    return _items(path, pairs)
+
+
+def _pick(columns: list[str], wanted: tuple[str, ...]) -> str | None:
+    lowered = {c.strip().lower(): c for c in columns if c is not None}
+    return next((lowered[w] for w in wanted if w in lowered), None)
+
+
+def _read_table(path: Path, text: str, delimiter: str) -> list[tuple[str, str]]:
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    columns = list(reader.fieldnames or [])
+    caption = _pick(columns, CAPTION_COLUMNS)
+    if caption is None:
+        raise ValueError(f"{path}: no caption column; expected one of {', '.join(CAPTION_COLUMNS)} "
+                         f"(columns found: {', '.join(map(str, columns)) or 'none'})")
+    id_column = _pick(columns, ID_COLUMNS)
+    pairs = []
+    for n, row in enumerate(reader, 1):
+        prompt = (row.get(caption) or "").strip()
+        if not prompt:
+            raise ValueError(f"{path}: data row {n} has an empty {caption!r}; fill it in or remove the row")
+        key = (row.get(id_column) or "").strip() if id_column else str(n)
+        if not key:
+            raise ValueError(f"{path}: data row {n} has an empty {id_column!r}; fill it in or remove the column "
+                             "(ids are then row numbers)")
+        pairs.append((key, prompt))
+    return pairs
+
+
+def _read_json(path: Path, text: str, lines: bool) -> list[tuple[str, str]]:
+    try:
+        if lines:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid {'JSON lines' if lines else 'JSON'} ({err})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of {{\"id\", \"prompt\"}} objects or strings; got a "
+                         f"{type(records).__name__}")
+    pairs = []
+    for n, record in enumerate(records, 1):
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: item {n} is a {type(record).__name__}; use {{\"id\", \"prompt\"}} or a string")
+        prompt_key, id_key = _pick(list(record), CAPTION_COLUMNS), _pick(list(record), ID_COLUMNS)
+        prompt = str(record[prompt_key]).strip() if prompt_key else ""
+        if not prompt:
+            raise ValueError(f"{path}: item {n} has no prompt; give one of {', '.join(CAPTION_COLUMNS)} "
+                             f"(keys found: {', '.join(record) or 'none'})")
+        key = str(record[id_key]).strip() if id_key and record[id_key] is not None else str(n)
+        pairs.append((key or str(n), prompt))
+    return pairs
+
+
+def safe_name(key: str) -> str:
+    """An id as a file-name stem: letters, digits, '_', '-' and '.' kept, anything else becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).lstrip(".") or "_"
+
+
+def _items(path: Path, pairs: list[tuple[str, str]]) -> list[PromptItem]:
+    items, seen = [], {}
+    for key, prompt in pairs:
+        name = safe_name(key)
+        if name in seen:
+            other = seen[name]
+            why = f"id {key!r} appears twice" if other == key else f"ids {other!r} and {key!r} both become {name!r}"
+            raise ValueError(f"{path}: {why}; ids name the image files, so they must be unique (or drop the id "
+                             "column to number the rows)")
+        seen[name] = key
+        items.append(PromptItem(key, prompt, name))
+    return items
+
+
+# ----------------------------------------------------------------------------- the work plan
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give a comma list of whole numbers, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give distinct whole numbers >= 0, e.g. 0,1,2")
+    return seeds
+
+
+def plan_batches(n_items: int, seeds: list[int], batch_size: int) -> list[tuple[int, int, int]]:
+    """(seed, start, stop): --batch-size consecutive rows per seed; rank r takes every W-th batch."""
+    return [(s, start, min(start + batch_size, n_items)) for s in seeds for start in range(0, n_items, batch_size)]
+
+
+def consecutive_runs(rows: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in rows:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_png_atomic(image, path: Path, text: dict[str, Any]) -> None:
+    """Write ``image`` (PIL) to a hidden temporary file beside ``path``, then rename it into place."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(f"microdiff:{key}", str(value))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add images made with other settings to a folder (one-line error naming the field)."""
+    path = out / SETTINGS_NAME
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); delete it if the images in {out} are yours") from None
+    for key in CHECKED:
+        if key in old and old[key] != settings[key]:
+            raise ValueError(f"{path}: the images in {out} were made with {key}={old[key]!r}, this run asks "
+                             f"{key}={settings[key]!r}; use another --out, or delete the folder to start over")
+
+
+def write_index(out: Path, items: list[PromptItem], seeds: list[int]) -> tuple[int, int]:
+    """index.csv (id, seed, prompt, file) of the images that exist; returns (rows written, missing)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "seed", "prompt", "file"])
+    written = missing = 0
+    for seed in seeds:
+        for item in items:
+            if (out / IMAGES_DIR / item.file(seed)).is_file():
+                writer.writerow([item.id, seed, item.prompt, item.file(seed)])
+                written += 1
+            else:
+                missing += 1
+    _write_text_atomic(out / INDEX_NAME, buffer.getvalue())
+    return written, missing
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", required=True,
+                        help="prompts file: .csv/.tsv with a caption column (caption, prompt, prompts or text) and "
+                             "optional id column (id, image_id, prompt_id); .txt one per line (id = line number); "
+                             ".json/.jsonl list of {id, prompt}")
+    parser.add_argument("--checkpoint", required=True, help="pipeline folder (Pipeline.save_pretrained, microdiff "
+                        "convert) or hub id")
+    parser.add_argument("--out", required=True, help="output folder: images/{id}_s{seed}.png, index.csv, generate.json")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds, one image per prompt and seed (default 0)")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}: the setting "
+                             "micro_diffusion reports COCO FID at; FID prefers low guidance, looks and CLIP score "
+                             "prefer higher, e.g. 5)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--sampler", default=None, help="euler, euler_ancestral, heun, ddim, dpmpp_2m, ... "
+                        "(default: the pipeline's)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (ddim sampler; 1 = ancestral)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+    parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), "
+                        "cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``microdiff eval generate``: bad input ends with a one-line error and exit status 2."""
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
+        if type(err).__name__ == "OutOfMemoryError":
+            message = f"out of GPU memory at --batch-size {args.batch_size}; try a smaller --batch-size"
+        else:
+            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"microdiff eval generate: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..pipeline import Pipeline
+    from ..train.distributed import barrier, gather_objects, setup_distributed, teardown
+
+    started = time.perf_counter()
+    seeds = parse_seeds(args.seeds)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: must be >= 1 (or leave it out for every prompt)")
+    items = read_prompts(args.prompts)[: args.limit]
+    out = Path(args.out)
+    info = setup_distributed(args.device)
+    try:
+        from ..encoders.image import resolve_dtype
+
+        cuda = info.device.type == "cuda"
+        dtype = (torch.bfloat16 if cuda else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
+        pipe = Pipeline.from_pretrained(args.checkpoint, device=info.device, dtype=dtype)
+        d = pipe.defaults
+        checkpoint = Path(args.checkpoint)
+        settings = {"checkpoint": str(checkpoint.resolve()) if checkpoint.is_dir() else str(args.checkpoint),
+                    "guidance": float(args.guidance), "steps": args.steps or d.num_inference_steps,
+                    "sampler": args.sampler or d.sampler, "eta": args.eta, "height": args.size or d.height,
+                    "width": args.size or d.width, "dtype": str(dtype).replace("torch.", ""),
+                    "seed_stride": SEED_STRIDE, "prompts": str(args.prompts)}
+        check_settings(out, settings)  # every rank, before any rank writes
+        (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        barrier(info)
+        if info.is_main:
+            _write_text_atomic(out / SETTINGS_NAME, json.dumps(settings, indent=1))
+
+        mine = plan_batches(len(items), seeds, args.batch_size)[info.rank::info.world_size]
+        todo = [(s, [i for i in range(a, b) if not (out / IMAGES_DIR / items[i].file(s)).is_file()])
+                for s, a, b in mine]
+        skipped = sum(b - a for _, a, b in mine) - sum(len(rows) for _, rows in todo)
+        generated = 0
+        desc = "generate" + (f" (rank 0 of {info.world_size})" if info.distributed else "")
+        with tqdm(total=sum(len(rows) for _, rows in todo), unit="img", desc=desc, dynamic_ncols=True,
+                  disable=args.quiet or not info.is_main) as bar:
+            for seed, rows in todo:
+                for run_rows in consecutive_runs(rows):
+                    images = pipe.generate([items[i].prompt for i in run_rows], seed=seed * SEED_STRIDE + run_rows[0],
+                                           num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                                           sampler=settings["sampler"], eta=args.eta, height=settings["height"],
+                                           width=settings["width"], batch_size=len(run_rows))
+                    for i, image in zip(run_rows, Pipeline.to_pil(images)):
+                        item = items[i]
+                        meta = {"id": item.id, "prompt": item.prompt, "seed": seed,
+                                "noise_seed": seed * SEED_STRIDE + i,
+                                **{k: settings[k] for k in ("sampler", "steps", "guidance", "checkpoint")}}
+                        write_png_atomic(image, out / IMAGES_DIR / item.file(seed), meta)
+                    generated += len(run_rows)
+                    bar.update(len(run_rows))
+        barrier(info)
+        counts = gather_objects((generated, skipped), info)
+        if info.is_main:
+            for stale in (out / IMAGES_DIR).glob(".*.tmp"):  # left by killed runs; every rank is done now
+                stale.unlink(missing_ok=True)
+            written, missing = write_index(out, items, seeds)
+            total_new, total_skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            seconds = time.perf_counter() - started
+            print(f"generated {total_new} images, skipped {total_skipped} that existed, in {seconds:.1f} s "
+                  f"({len(items)} prompts x {len(seeds)} seed(s), {info.world_size} process(es)); "
+                  f"{out / INDEX_NAME}: {written} rows" + (f", {missing} missing" if missing else ""))
+        return 0
+    finally:
+        teardown(info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="microdiff eval generate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["PromptItem", "read_prompts", "safe_name", "parse_seeds", "plan_batches", "write_png_atomic",
+           "add_arguments", "run", "main", "SEED_STRIDE", "DEFAULT_GUIDANCE"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
