@@ -22,6 +22,11 @@ EVAL_COMMANDS = {
     "clip-score": ("microdiff.eval.clipscore", "CLIP score of generated images against their prompts "
                    "(max(100 cos, 0) per image, as torchmetrics)",
                    ["microdiff eval clip-score --prompts gen/coco/index.csv"]),
+    "memorization": ("microdiff.eval.memorize_cli", "nearest training images of generated images (Ambient "
+                     "Diffusion's memorisation check): top-k cosine search, counts above thresholds, closest "
+                     "pairs; exact under torchrun",
+                     ["microdiff eval memorization --gen gen/coco/images --train data/train --features dinov2 "
+                      "--out runs/memorization"]),
 }
 
 # name -> (module with add_arguments(parser) and run(args) -> int, summary, examples)
