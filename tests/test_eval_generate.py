@@ -21,17 +21,10 @@ from PIL import Image
 
 from microdiff.eval import clipscore, generate
 from microdiff.eval.generate import SEED_STRIDE
+from tiny_models import perturb, clip_tokenizer
 
 PROMPTS = ["a red circle", "two blue squares", "a small green triangle at the top left", "a large yellow star",
            "the background is black"]
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    # a fresh MicroDiT outputs zeros (zero-initialised final layers): perturb so images depend on everything
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def pipe_dir(tmp_path_factory):
     torch.manual_seed(0)
     text = BuiltinTextEncoder(dim=32, layers=1, heads=2, max_length=32)
     backbone = MicroDiT_Nano_2(in_channels=3, caption_channels=32, input_size=8)
-    _perturb(backbone)
+    perturb(backbone)
     defaults = SamplingDefaults(num_inference_steps=2, height=8, width=8, guidance_scale=3.0)
     path = tmp_path_factory.mktemp("pipe") / "pipeline"
     Pipeline(text, IdentityAutoencoder(3), Denoiser(backbone.eval(), EDM(0.5)), defaults).save_pretrained(path)
@@ -210,19 +203,10 @@ def test_missing_prompts_file_and_bad_seeds(tmp_path, pipe_dir, capsys):
 # ----------------------------------------------------------------------------- CLIP score
 
 def _clip_dir(root):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPModel
     import transformers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    tok.train_from_iterator(PROMPTS, trainers.BpeTrainer(vocab_size=80, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                  pad_token="<pad>", unk_token="<unk>", model_max_length=16)
+    tok = clip_tokenizer(PROMPTS)
     torch.manual_seed(4)  # a random CLIP whose cosines on these images have both signs (tests the clipping)
     model = CLIPModel(CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

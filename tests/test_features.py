@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from microdiff.eval import features as feat
 from microdiff.eval.features import ClipFeatures, ClipTextFeatures, Features, extract, load_clip, load_features
 from microdiff.eval.frechet import pixel_features
+from tiny_models import clip_tokenizer
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -25,18 +26,7 @@ def _images(n, h, w, seed=0):
 
 
 def _clip_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=80, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=16)
+    return clip_tokenizer(TEXT)
 
 
 def _image_processor(kind, **kwargs):

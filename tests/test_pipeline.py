@@ -8,6 +8,7 @@ import torch
 import yaml
 
 import microdiff
+from tiny_models import perturb
 from microdiff.diffusion import EDM, Denoiser
 from microdiff.encoders.base import IdentityAutoencoder
 from microdiff.encoders.text import BuiltinTextEncoder
@@ -17,21 +18,12 @@ from microdiff.pipeline import Pipeline, SamplingDefaults
 PROMPTS = ["a red circle", "a small blue square at the top", "green triangle", "a purple circle"]
 
 
-def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    # A fresh MicroDiT outputs F = 0 (zero-initialised output layers), which would make every test
-    # below pass trivially; small random weights everywhere make the outputs depend on everything.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
     text = BuiltinTextEncoder(dim=32, layers=1, heads=2, max_length=32)
     backbone = MicroDiT_Nano_2(in_channels=3, caption_channels=32, input_size=8)
-    _perturb(backbone)
+    perturb(backbone)
     defaults = SamplingDefaults(num_inference_steps=6, height=8, width=8, guidance_scale=3.0)
     return Pipeline(text, IdentityAutoencoder(3), Denoiser(backbone.eval(), EDM(0.5)), defaults)
 
@@ -110,7 +102,7 @@ def test_pipeline_with_our_own_autoencoder_travels_as_one_folder(pipe, tmp_path)
                      tmp_path / "vae")
     vae = load_trained_autoencoder(tmp_path / "vae")
     backbone = MicroDiT_Nano_2(in_channels=4, caption_channels=32, input_size=8)
-    _perturb(backbone, seed=2)
+    perturb(backbone, seed=2)
     latent_pipe = Pipeline(pipe.text_encoder, vae, Denoiser(backbone.eval(), EDM(0.5)),
                            SamplingDefaults(num_inference_steps=4, height=16, width=16))
     images = latent_pipe.generate(PROMPTS[:2], seed=0)

@@ -95,6 +95,17 @@ def _add_module_command(sub, name: str, module: str, summary: str, examples: lis
     p.set_defaults(func=mod.run)
 
 
+def _add_group(sub, name: str, summary: str, description: str, commands: dict) -> None:
+    """``microdiff NAME COMMAND``: a group of module commands; ``microdiff NAME`` alone prints its help."""
+    group = sub.add_parser(name, help=summary, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="examples:\n" + "\n".join(f"  {e}" for _, _, ex in commands.values() for e in ex[:1]))
+    group_sub = group.add_subparsers(dest=f"{name}_command", metavar=f"{name.upper()}_COMMAND")
+    group.set_defaults(func=lambda args: (group.print_help(), 0)[1])
+    for command, spec in commands.items():
+        _add_module_command(group_sub, command, *spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="microdiff",
@@ -113,23 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ["microdiff demo", "microdiff demo --out runs/demo2 --steps 6000 --resolution 64 --device cuda",
                          "microdiff demo --toy   # the 2-D sampler comparison instead, < 1 minute"])
 
-    data = sub.add_parser("data", help="build, download, precompute and inspect datasets",
-                          description="Datasets: the built-in shapes set, downloads, precomputed shards, summaries.",
-                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog="examples:\n" + "\n".join(f"  {e}" for _, _, ex in DATA_COMMANDS.values() for e in ex[:1]))
-    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    data.set_defaults(func=lambda args: (data.print_help(), 0)[1])
-    for name, spec in DATA_COMMANDS.items():
-        _add_module_command(data_sub, name, *spec)
-
-    evaluate = sub.add_parser("eval", help="FID/FD, KID, precision/recall, CLIP score, prompt suites, memorisation",
-                              description="Evaluation: distances to reference images in pluggable feature spaces.",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="examples:\n" + "\n".join(f"  {e}" for _, _, ex in EVAL_COMMANDS.values() for e in ex[:1]))
-    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
-    evaluate.set_defaults(func=lambda args: (evaluate.print_help(), 0)[1])
-    for name, spec in EVAL_COMMANDS.items():
-        _add_module_command(eval_sub, name, *spec)
+    _add_group(sub, "data", "build, download, precompute and inspect datasets",
+               "Datasets: the built-in shapes set, downloads, precomputed shards, summaries.", DATA_COMMANDS)
+    _add_group(sub, "eval", "FID/FD, KID, precision/recall, CLIP score, prompt suites, memorisation",
+               "Evaluation: distances to reference images in pluggable feature spaces.", EVAL_COMMANDS)
     for name, spec in TOP_COMMANDS.items():
         _add_module_command(sub, name, *spec)
 

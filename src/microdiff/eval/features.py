@@ -51,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import as_image_batch
+
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of EDM2's FD-DINOv2
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_SHAPES_RESOLUTION = 32
@@ -81,7 +83,7 @@ class Features:
 
     def compute(self, images: Any) -> torch.Tensor:
         """Checked, device-moved, gradient-free ``encode``; the output dtype is the encoder's."""
-        images = _as_images(images, self.name).to(self.device, torch.float32)
+        images = as_image_batch(images, self.name).to(self.device, torch.float32)
         with torch.no_grad():
             out = _as_output(self.encode(images), len(images), self.name)
         if self.dim is None:
@@ -102,19 +104,6 @@ class Features:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={str(self.device)!r})"
-
-
-def _as_images(images: Any, name: str) -> torch.Tensor:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name}: images must be a (B, 3, H, W) tensor in [0, 1]; got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name}: images must have shape (B, 3, H, W); got {tuple(images.shape)} "
-                         "(repeat grey images to 3 channels, move channels first)")
-    if not images.is_floating_point():
-        raise ValueError(f"{name}: images must be floats in [0, 1]; got {images.dtype} (divide uint8 images by 255)")
-    return images
 
 
 def _as_output(out: Any, batch: int, name: str) -> torch.Tensor:

@@ -92,9 +92,24 @@ def iterate_images(paths: list[Path], size: int | None, batch_size: int = 64, on
         yield torch.from_numpy(np.stack(batch)) / 255
 
 
+def as_image_batch(images, name: str) -> torch.Tensor:
+    """``images`` as a (B, 3, H, W) float tensor (numpy arrays accepted), or a one-line error that
+    says what ``name`` needs and how to get there."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name}: images must be a (B, 3, H, W) tensor in [0, 1]; got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name}: images must have shape (B, 3, H, W); got {tuple(images.shape)} "
+                         "(repeat grey images to 3 channels, move channels first)")
+    if not images.is_floating_point():
+        raise ValueError(f"{name}: images must be floats in [0, 1]; got {images.dtype} (divide uint8 images by 255)")
+    return images
+
+
 def load_images(paths: list[Path], size: int | None = None) -> torch.Tensor:
     """All of ``paths`` as one (N, 3, H, W) float32 tensor in [0, 1] (raises on unreadable files)."""
     return torch.cat(list(iterate_images(paths, size, batch_size=max(len(paths), 1))))
 
 
-__all__ = ["IMAGE_SUFFIXES", "image_paths", "clean_resize", "read_image", "iterate_images", "load_images"]
+__all__ = ["IMAGE_SUFFIXES", "as_image_batch", "image_paths", "clean_resize", "read_image", "iterate_images", "load_images"]

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import as_image_batch
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_ENV = "MICRODIFF_INCEPTION_WEIGHTS"
@@ -209,7 +211,7 @@ class FIDInceptionV3(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        _check_images(images)
+        images = as_image_batch(images, "FIDInceptionV3")
         x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         x = 2 * x - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -220,16 +222,6 @@ class FIDInceptionV3(nn.Module):
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
-
-
-def _check_images(images: Any) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W); got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)} "
-                         "(repeat grey images to 3 channels, move channels first)")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floats in [0, 1]; got dtype {images.dtype} (divide uint8 images by 255)")
 
 
 # ----------------------------------------------------------------------------- weights
@@ -315,9 +307,7 @@ def inception_features(images: Any, model: nn.Module, batch_size: int = 64) -> n
     computed ``batch_size`` at a time on the model's device."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    _check_images(images)
+    images = as_image_batch(images, "inception_features")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     model.eval()
     chunks = [model(images[i:i + batch_size].to(device, dtype)).double().cpu()
