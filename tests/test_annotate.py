@@ -55,6 +55,19 @@ def test_negative_eps_is_the_stricter_rule():
     assert sigma_tn[0] == 0.8 and flagged[0]
 
 
+def test_heldout_threshold_compares_with_what_the_classifier_says_about_unseen_clean_images():
+    # a classifier that memorised its few clean images calls unseen ones "low" (0.6) even at high noise
+    null = np.array([0.1, 0.3, 0.6, 0.6])
+    prob = np.array([[0.9, 0.8, 0.64, 0.6],  # indistinguishable from unseen clean images at index 2
+                     [0.9, 0.9, 0.9, 0.9]])
+    sigma_tn, flagged = annotate_sigma_tn(prob, GRID, eps=0.05, smooth=1, null=null)
+    np.testing.assert_array_equal(sigma_tn, [0.4, 0.8])
+    np.testing.assert_array_equal(flagged, [False, True])
+    assert annotate_sigma_tn(prob, GRID, eps=0.05, smooth=1)[1][0]  # the 0.5 + eps rule never crosses for row 0
+    with pytest.raises(ValueError, match="one value per grid sigma"):
+        annotate_sigma_tn(prob, GRID, null=null[:3])
+
+
 @pytest.mark.parametrize("prob, grid, eps, smooth, message", [
     (np.zeros((2, 3)), GRID, 0.05, 1, r"prob must be \(N, 4\)"),
     (np.zeros((2, 4)), GRID[::-1], 0.05, 1, "ascending"),

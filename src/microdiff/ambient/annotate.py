@@ -57,6 +57,7 @@ STEPS, BATCH_SIZE, LR, WIDTH = 1500, 64, 1e-3, 16  # width 16: ~4 min for 2000 i
 HELDOUT = 0.2  # fraction of each quality class kept out of training, for the accuracy curve
 CHUNK = 256  # scoring batch; the noise of each chunk has its own seed, so scores do not depend on the device
 SPLITS = ("quality", "corruption")
+THRESHOLDS = ("half", "heldout")
 
 
 # ----------------------------------------------------------------------------- grid and pure functions
@@ -84,10 +85,12 @@ def moving_average(rows: np.ndarray, width: int) -> np.ndarray:
     return (padded[..., hi] - padded[..., lo]) / (hi - lo)
 
 
-def annotate_sigma_tn(prob: np.ndarray, grid: np.ndarray, eps: float = EPS,
-                      smooth: int = SMOOTH) -> tuple[np.ndarray, np.ndarray]:
+def annotate_sigma_tn(prob: np.ndarray, grid: np.ndarray, eps: float = EPS, smooth: int = SMOOTH,
+                      null: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``prob`` (N, S) (probability of low quality at each grid sigma), the first grid sigma
-    where the row, smoothed by :func:`moving_average` of width ``smooth``, is below ``0.5 + eps``.
+    where the row, smoothed by :func:`moving_average` of width ``smooth``, is below the threshold:
+    ``0.5 + eps`` (Ambient-o's rule), or ``null + eps`` when ``null`` (S,) is given: what the classifier
+    says, at each sigma, about clean images it never saw (see ``AnnotateConfig.threshold``).
 
     Returns ``(sigma_tn (N,), flagged (N,) bool)``; a row that never drops below the threshold gets the
     largest grid sigma and is flagged (the classifier still tells it apart at the top of the grid)."""
@@ -98,7 +101,14 @@ def annotate_sigma_tn(prob: np.ndarray, grid: np.ndarray, eps: float = EPS,
         raise ValueError(f"prob must be (N, {len(grid)}), one column per grid sigma; got {prob.shape}")
     if not -0.5 < eps < 0.5:
         raise ValueError(f"eps must be in (-0.5, 0.5); the threshold is 0.5 + eps; got {eps}")
-    below = moving_average(prob, smooth) < 0.5 + eps
+    if null is None:
+        threshold = np.full(len(grid), 0.5 + eps)
+    else:
+        null = np.asarray(null, dtype=np.float64)
+        if null.shape != grid.shape:
+            raise ValueError(f"null must have one value per grid sigma ({len(grid)}); got shape {null.shape}")
+        threshold = moving_average(null[None], smooth)[0] + eps
+    below = moving_average(prob, smooth) < threshold
     flagged = ~below.any(axis=1)
     first = np.where(flagged, len(grid) - 1, below.argmax(axis=1))
     return grid[first], flagged
@@ -301,6 +311,7 @@ class AnnotateConfig:
     grid_max: float = GRID_MAX
     grid_size: int = GRID_SIZE
     eps: float = EPS
+    threshold: str = "half"  # half: p(low) < 0.5 + eps (Ambient-o) | heldout: < p(low) of held-out clean + eps
     smooth: int = SMOOTH
     draws: int = DRAWS
     steps: int = STEPS
@@ -368,6 +379,8 @@ def heldout_split(n: int, fraction: float, seed: int, salt: int) -> tuple[np.nda
 def _check_config(c: AnnotateConfig) -> None:
     if c.split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}; got {c.split!r}")
+    if c.threshold not in THRESHOLDS:
+        raise ValueError(f"--threshold must be one of {', '.join(THRESHOLDS)}; got {c.threshold!r}")
     if not -0.5 < c.eps < 0.5:
         raise ValueError(f"--eps must be in (-0.5, 0.5) (the threshold is 0.5 + eps); got {c.eps}")
     for name in ("smooth", "draws", "steps"):
@@ -415,7 +428,13 @@ def annotate(source: str, out: str | Path, config: AnnotateConfig | None = None)
                                      progress=config.progress, desc="score held-out high quality")
     p_low_test = p_low[low_test]
     accuracy = balanced_accuracy(p_high_test, p_low_test) if len(high_test) and len(low_test) else None
-    sigma_tn, flagged = annotate_sigma_tn(p_low.mean(axis=2), grid, config.eps, config.smooth)
+    null = None
+    if config.threshold == "heldout":
+        if not len(high_test):
+            raise ValueError("--threshold heldout compares with held-out clean images, but none were held out; "
+                             "raise --heldout or use --threshold half")
+        null = p_high_test.mean(axis=(0, 2))
+    sigma_tn, flagged = annotate_sigma_tn(p_low.mean(axis=2), grid, config.eps, config.smooth, null)
     scored = time.perf_counter()
 
     summary = _summary(source, config, grid, keys, metas, low_idx, sigma_tn, flagged, accuracy, p_high_test, p_low,
@@ -447,7 +466,7 @@ def _summary(source, config, grid, keys, metas, low_idx, sigma_tn, flagged, accu
         "counts": {"total": len(keys), "high": n_high, "low": n_low, "heldout_high": len(high_test),
                    "heldout_low": len(low_test), "flagged": int(flagged.sum())},
         "grid": [float(g) for g in grid],
-        "eps": config.eps, "smooth": config.smooth, "draws": config.draws,
+        "eps": config.eps, "threshold": config.threshold, "smooth": config.smooth, "draws": config.draws,
         "heldout_accuracy": None if accuracy is None else [float(a) for a in accuracy],
         "mean_probability": {"high_heldout": mean_curve(p_high_test), "low_heldout": mean_curve(p_low_test),
                              "low_all": mean_curve(p_low)},
@@ -490,7 +509,11 @@ def _plots(out: Path, summary: dict[str, Any], sigma_tn: np.ndarray) -> None:
                ("p(low) low quality, held out", probs["low_heldout"]),
                ("p(low) low quality, all", probs["low_all"]),
                ("held-out balanced accuracy", summary["heldout_accuracy"])] if values is not None}
-    series[f"threshold 0.5 + eps = {0.5 + summary['eps']:g}"] = (grid, np.full(len(grid), 0.5 + summary["eps"]))
+    if summary.get("threshold") == "heldout" and probs["high_heldout"] is not None:
+        series[f"threshold: held-out clean + eps {summary['eps']:g}"] = (
+            grid, moving_average(np.asarray(probs["high_heldout"])[None], summary["smooth"])[0] + summary["eps"])
+    else:
+        series[f"threshold 0.5 + eps = {0.5 + summary['eps']:g}"] = (grid, np.full(len(grid), 0.5 + summary["eps"]))
     line_plot(series, out / "probability_curves.png", title="quality classifier vs noise level",
               xlabel="sigma", ylabel="probability", logx=True)
 
@@ -555,6 +578,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=float, default=d.eps,
                         help="sigma_tn = first grid sigma where the smoothed p(low quality) < 0.5 + eps, as in "
                              f"Ambient-o's code; negative = stricter (default: {d.eps})")
+    parser.add_argument("--threshold", choices=THRESHOLDS, default=d.threshold,
+                        help="half: compare p(low quality) with 0.5 + eps (Ambient-o); heldout: with the classifier's "
+                             "p(low quality) for held-out clean images at the same sigma, + eps. Use heldout when "
+                             "there are few clean images: the classifier then memorises them and calls any other "
+                             "image low quality even at high noise, so p stays above 0.5 (default: half)")
     parser.add_argument("--smooth", type=int, default=d.smooth,
                         help=f"centred moving average of p along the grid, in grid points; 1 = none (default: {d.smooth})")
     parser.add_argument("--draws", type=int, default=d.draws, help=f"noise draws per sample and sigma (default: {d.draws})")
@@ -583,7 +611,7 @@ def run(args: argparse.Namespace) -> int:
         config = AnnotateConfig(
             resolution=args.resolution, corruption=corruption, vocabulary=vocabulary, split=args.split,
             quality_threshold=args.quality_threshold, autoencoder=args.autoencoder, grid_min=args.grid_min,
-            grid_max=args.grid_max, grid_size=args.grid_size, eps=args.eps, smooth=args.smooth, draws=args.draws,
+            grid_max=args.grid_max, grid_size=args.grid_size, eps=args.eps, threshold=args.threshold, smooth=args.smooth, draws=args.draws,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width, heldout=args.heldout,
             seed=args.seed, data_seed=args.data_seed, device=args.device, progress=not args.no_progress)
         summary = annotate(args.source, args.out, config)
@@ -597,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"held-out balanced accuracy: {acc[0]:.3f} at sigma {summary['grid'][0]:.3g}, "
               f"{acc[-1]:.3f} at sigma {summary['grid'][-1]:.3g}")
     print(f"low-quality sigma_tn: median {tn['median']:.4g}, range {tn['min']:.4g}..{tn['max']:.4g}; "
-          f"{c['flagged']} flagged (never below 0.5 + eps, set to the top of the grid)")
+          f"{c['flagged']} flagged (never below the threshold, set to the top of the grid)")
     print(f"wrote {args.out}/annotations.csv (train with ambient.annotations: {args.out}/annotations.csv), "
           f"sigma_tn_hist.png, probability_curves.png, curves.csv, summary.json, classifier.pt "
           f"in {summary['seconds']['total']:.1f}s")
