@@ -248,7 +248,7 @@ def load_fid_inception(path: str | os.PathLike | None = None, device: str | torc
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Inception weights file not found; download {FID_WEIGHTS_URL} and pass "
-                                f"its path (load_fid_inception(path) or ${WEIGHTS_ENV})")
+                                f"its path (--features inception:PATH, load_fid_inception(PATH) or ${WEIGHTS_ENV})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line advice
@@ -264,8 +264,8 @@ def _download_state_dict() -> Mapping[str, Any]:
                                                   weights_only=True)
     except Exception as err:  # noqa: BLE001 - offline, proxy, HTTP error, corrupt cache: one message
         raise RuntimeError(f"could not download the FID Inception weights ({_one_line(err)}); download "
-                           f"{FID_WEIGHTS_URL} and pass its path: load_fid_inception(path) or "
-                           f"${WEIGHTS_ENV}=path") from None
+                           f"{FID_WEIGHTS_URL} and pass its path: --features inception:PATH, load_fid_inception(PATH) "
+                           f"or ${WEIGHTS_ENV}=PATH") from None
     finally:
         socket.setdefaulttimeout(previous)
 
