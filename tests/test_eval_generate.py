@@ -21,7 +21,7 @@ from PIL import Image
 
 from microdiff.eval import clipscore, generate
 from microdiff.eval.generate import SEED_STRIDE
-from tiny_models import perturb, clip_tokenizer
+from tiny_models import clip_tokenizer, perturb, tiny_clip
 
 PROMPTS = ["a red circle", "two blue squares", "a small green triangle at the top left", "a large yellow star",
            "the background is black"]
@@ -203,18 +203,11 @@ def test_missing_prompts_file_and_bad_seeds(tmp_path, pipe_dir, capsys):
 # ----------------------------------------------------------------------------- CLIP score
 
 def _clip_dir(root):
-    from transformers import CLIPConfig, CLIPModel
     import transformers
 
     tok = clip_tokenizer(PROMPTS)
     torch.manual_seed(4)  # a random CLIP whose cosines on these images have both signs (tests the clipping)
-    model = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=16, patch_size=8),
-        projection_dim=16))
+    model = tiny_clip(len(tok), image_size=16)
     path = root / "clip"
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from microdiff.eval import features as feat
 from microdiff.eval.features import ClipFeatures, ClipTextFeatures, Features, extract, load_clip, load_features
 from microdiff.eval.frechet import pixel_features
-from tiny_models import clip_tokenizer
+from tiny_models import clip_tokenizer, tiny_clip
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -40,7 +40,7 @@ def _image_processor(kind, **kwargs):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """A tiny random DINOv2 (hidden 32) and CLIP (projection 16) saved with their processors."""
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model
 
     root = tmp_path_factory.mktemp("features")
     torch.manual_seed(0)
@@ -50,13 +50,7 @@ def hf_dirs(tmp_path_factory):
     _image_processor("bit", size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
                      image_mean=MEAN, image_std=STD).save_pretrained(root / "dinov2")
     tok = _clip_tokenizer()
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16))
+    clip = tiny_clip(len(tok), image_size=32, layers=2)
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
     _image_processor("clip", size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(

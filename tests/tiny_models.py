@@ -29,3 +29,17 @@ def clip_tokenizer(texts: list[str], max_length: int = 16):
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=max_length)
+
+
+def tiny_clip(vocab_size: int, image_size: int, layers: int = 1):
+    """A randomly initialised CLIPModel (width 32, patch 8, 16-d projection) for a tokenizer of
+    ``vocab_size`` from :func:`clip_tokenizer`; seed torch first for reproducible weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=2, eos_token_id=3,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16))
