@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import clip_tokenizer
 from torch import nn
 
 from microdiff.clip_guidance import (ClipGuidedDenoiser, MakeCutouts, add_arguments, differentiable_decode,
@@ -38,18 +39,7 @@ TEXTS = ["a red cat on a mat", "a blue dog in the park", "two birds flying over 
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=150, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=20)
+    return clip_tokenizer(TEXTS, max_length=20, vocab_size=150)
 
 
 def _processor():

@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tiny_models import clip_tokenizer
 
 from microdiff.encoders.base import TextEncoder, TextEncoding
 from microdiff.encoders.text import (ALIASES, BuiltinTextEncoder, HFTextEncoder, encode_captions,
@@ -248,15 +249,7 @@ def _trained_tokenizer(kind: str, max_length: int):
     from transformers import PreTrainedTokenizerFast
 
     if kind == "clip":  # BPE, <|startoftext|> ... <|endoftext|>, padded with <pad> (id 0)
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.normalizer = normalizers.Lowercase()
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-        tok.train_from_iterator(TRAIN_TEXT, trainers.BpeTrainer(vocab_size=150, special_tokens=specials))
-        tok.post_processor = processors.TemplateProcessing(
-            single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                       pad_token="<pad>", unk_token="<unk>", model_max_length=max_length)
+        return clip_tokenizer(TRAIN_TEXT, max_length=max_length, vocab_size=150)
     if kind == "t5":  # unigram (sentencepiece-style), ... </s>, padded with <pad> (id 0)
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.NFKC()

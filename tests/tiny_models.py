@@ -15,7 +15,7 @@ def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def clip_tokenizer(texts: list[str], max_length: int = 16):
+def clip_tokenizer(texts: list[str], max_length: int = 16, vocab_size: int = 80):
     """A CLIP-style fast tokenizer (start/end tokens, lower case, padding) trained on ``texts``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -24,7 +24,7 @@ def clip_tokenizer(texts: list[str], max_length: int = 16):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=80, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
