@@ -113,12 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``microdiff eval clip-score``: bad input ends with a one-line error and exit status 2."""
+    from .errors import USER_ERRORS, first_line, report_error
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
-        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"microdiff eval clip-score: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_error("eval clip-score", first_line(err))
 
 
 def score_pairs(pairs: list[Pair], clip, scale: float, batch_size: int, resolution: int | None,

@@ -25,23 +25,19 @@ METRICS = ("fd", "kid", "pr", "vendi")
 
 
 def folder_features(folder: str | Path, features, resolution: int | None, batch_size: int, skip_bad: bool,
-                    progress: bool, desc: str) -> tuple[np.ndarray, list[tuple[str, str]]]:
+                    progress: bool) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Features (N, D) float64 of every image under ``folder`` and the (path, reason) of skipped files."""
-    from tqdm.auto import tqdm
-
+    from .features import extract
     from .images import image_paths, iterate_images
 
     paths = image_paths(folder)
     skipped: list[tuple[str, str]] = []
-    rows = []
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in iterate_images(paths, resolution, batch_size, "skip" if skip_bad else "raise", skipped):
-            rows.append(np.asarray(features(batch).detach().cpu().double()))
-            bar.update(len(batch))
-    if not rows:
+    batches = iterate_images(paths, resolution, batch_size, "skip" if skip_bad else "raise", skipped)
+    feats = extract(features, batches, batch_size, progress, total=len(paths))
+    if not len(feats):
         raise ValueError(f"{folder}: none of its {len(paths)} images could be read (first: {skipped[0][0]}: "
                          f"{skipped[0][1]})")
-    return np.concatenate(rows), skipped
+    return feats, skipped
 
 
 def input_resolution(features, override: int | None) -> int | None:
@@ -91,14 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``microdiff eval fid``: bad input ends with a one-line error and exit status 2."""
-    import sys
+    from .errors import USER_ERRORS, first_line, report_error
 
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
-        print(f"microdiff eval fid: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-              file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_error("eval fid", first_line(err))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -121,8 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         reference = load_statistics(ref_path)
         result["ref_skipped"] = []
     else:
-        feats, skipped = folder_features(ref_path, features, resolution, args.batch_size, args.skip_bad, progress,
-                                         "reference features")
+        feats, skipped = folder_features(ref_path, features, resolution, args.batch_size, args.skip_bad, progress)
         reference = Statistics.of(feats, features.name, resolution, keep_features=True)
         result["ref_skipped"] = skipped
     result["ref_count"] = reference.count
@@ -132,8 +125,7 @@ def _run(args: argparse.Namespace) -> int:
                                                         reference.count, reference.resolution, kept))
         result["ref_stats"] = str(args.save_ref_stats)
     if args.gen is not None:
-        gen_feats, skipped = folder_features(args.gen, features, resolution, args.batch_size, args.skip_bad, progress,
-                                             "generated features")
+        gen_feats, skipped = folder_features(args.gen, features, resolution, args.batch_size, args.skip_bad, progress)
         generated = Statistics.of(gen_feats, features.name, resolution)
         result["notes"] += check_compatible(reference, generated, str(ref_path))
         result.update(gen_count=len(gen_feats), gen_skipped=skipped, **score(gen_feats, reference, metrics, args.k))

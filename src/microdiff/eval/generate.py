@@ -279,15 +279,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``microdiff eval generate``: bad input ends with a one-line error and exit status 2."""
+    from .errors import USER_ERRORS, first_line, report_error
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as err:
+    except USER_ERRORS as err:
         if type(err).__name__ == "OutOfMemoryError":
-            message = f"out of GPU memory at --batch-size {args.batch_size}; try a smaller --batch-size"
-        else:
-            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"microdiff eval generate: error: {message}", file=sys.stderr)
-        return 2
+            return report_error("eval generate", f"out of GPU memory at --batch-size {args.batch_size}; try a "
+                                "smaller --batch-size")
+        return report_error("eval generate", first_line(err))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .errors import first_line
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -72,7 +74,7 @@ def iterate_images(paths: list[Path], size: int | None, batch_size: int = 64, on
         try:
             array = read_image(path, size)
         except (OSError, ValueError, SyntaxError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             if on_error == "raise":
                 raise ValueError(f"{path}: unreadable image ({reason}); remove it or pass --skip-bad to leave "
                                  "unreadable files out (they are listed in the report)") from None

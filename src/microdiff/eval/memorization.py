@@ -37,6 +37,8 @@ import torch
 import torch.distributed as tdist
 from PIL import Image
 
+from .metrics import whole_number
+
 from ..train.distributed import DistInfo
 from ..utils.grids import captioned_grid
 from ..utils.plots import histogram
@@ -134,17 +136,11 @@ def _search(queries: torch.Tensor, bank: Any, k: int, batch_size: int, offset: i
     return best_s, best_i
 
 
-def _whole(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}")
-    return int(value)
-
-
 def top_k_similar(queries: Any, bank: Any, k: int = 5, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's k most cosine-similar bank rows: (similarities (Q, k) float64, descending;
     bank indices (Q, k) int64), on the queries' device. ``bank`` may be anything sliceable into
     (n, D) rows (tensor on another device, numpy memmap); it is read ``batch_size`` rows at a time."""
-    k, batch_size = _whole(k, "k", 1), _whole(batch_size, "batch_size", 1)
+    k, batch_size = whole_number(k, "k", 1), whole_number(batch_size, "batch_size", 1)
     device = queries.device if isinstance(queries, torch.Tensor) else None
     q = _rows(queries, "queries", device)
     if len(bank) < k:
@@ -175,8 +171,8 @@ def distributed_top_k(queries: Any, bank_shard: Any, shard_offset: int, k: int, 
     Queries are the same on every rank, or with ``queries_sharded=True`` each rank holds its own
     part (in rank order) and the result covers all of them. Every rank must call this. Computed
     and returned on ``dist.device`` (NCCL needs CUDA tensors)."""
-    k, batch_size = _whole(k, "k", 1), _whole(batch_size, "batch_size", 1)
-    offset = _whole(shard_offset, "shard_offset", 0)
+    k, batch_size = whole_number(k, "k", 1), whole_number(batch_size, "batch_size", 1)
+    offset = whole_number(shard_offset, "shard_offset", 0)
     q = _rows(queries, "queries", dist.device, allow_empty=queries_sharded)
     if not dist.distributed:
         if len(bank_shard) < k:
@@ -253,7 +249,7 @@ def memorization_report(similarities: Any, indices: Any, thresholds: Sequence[fl
         if not -1.0 <= float(t) <= 1.0:
             raise ValueError(f"thresholds must be cosine similarities in [-1, 1]; got {t}")
     top1, match = sims[:, 0], idx[:, 0]
-    order = np.argsort(-top1, kind="stable")[:_whole(n_closest, "n_closest", 0)]
+    order = np.argsort(-top1, kind="stable")[:whole_number(n_closest, "n_closest", 0)]
     return {
         "n_generated": len(top1),
         "k": sims.shape[1],
@@ -336,7 +332,7 @@ def save_report(out_dir: Any, report: dict[str, Any], sims: Any, gen_images: Any
     counts = ", ".join(f">={t['threshold']:g}: {t['count']}" for t in report.get("thresholds", []))
     histogram(s[:, 0], paths["hist"], title=f"top-1 similarity, n={len(s)}" + (f" ({counts})" if counts else ""),
               xlabel="cosine similarity to the nearest training sample")
-    if gen_images is not None and _whole(pairs, "pairs", 0):
+    if gen_images is not None and whole_number(pairs, "pairs", 0):
         paths["pairs"] = out / "closest_pairs.png"
         closest_pairs_grid(s, idx, gen_images, train_images, pairs, value_range, cell).save(paths["pairs"])
     return paths

@@ -44,13 +44,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import USER_ERRORS, first_line as _first_line, report_error
 from .memorization import THRESHOLDS, memorization_report, save_report, shard_range
 
 FEATURE_FILE_SUFFIXES = (".npy", ".npz")
 DESCRIPTION = ("Does the model copy its training images? For every generated image, its k most cosine-similar "
                "training images in a feature space (DINOv2 by default), counts of near-copies above thresholds, "
                "a histogram and the closest pairs side by side.")
-ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, ImportError, KeyError)
+ERRORS = USER_ERRORS
 EXAMPLES = ["microdiff eval memorization --gen samples/ --train data/images --features dinov2",
             "microdiff eval memorization --gen samples/ --train shapes:2000 --resolution 32 --features dinov2 "
             "--save-train-features shapes-dino.npz",
@@ -343,21 +344,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = setup_distributed(args.device, "auto")
     except ERRORS as err:
-        print(f"microdiff eval memorization: error: {_first_line(err)}", file=sys.stderr)
-        return 2
+        return report_error("eval memorization", _first_line(err))
     try:
         return _run(args, info)
     except ERRORS as err:
         if info.is_main:
-            print(f"microdiff eval memorization: error: {_first_line(err)}", file=sys.stderr)
+            report_error("eval memorization", _first_line(err))
         return 2
     finally:
         teardown(info)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def _agree(info: Any, mine: dict[str, Any]) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ def _pair(a: Any, b: Any, names: tuple[str, str], min_rows: int = 1) -> tuple[np
     return x, y
 
 
-def _whole(value: Any, name: str, minimum: int) -> int:
+def whole_number(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}")
     return int(value)
@@ -79,7 +79,7 @@ def _mmd2(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float)
 
 
 def _kernel_params(dim: int, degree: Any, gamma: Any, coef0: Any) -> tuple[int, float, float]:
-    degree = _whole(degree, "degree", 1)
+    degree = whole_number(degree, "degree", 1)
     gamma = 1.0 / dim if gamma is None else gamma
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.floating)) or not np.isfinite(gamma) \
             or gamma <= 0:
@@ -116,7 +116,7 @@ def kernel_inception_distance(gen: Any, ref: Any, subsets: int = 100, subset_siz
     computed once and std is 0. Each set needs at least 2 rows.
     Cost: 3 (m x D) @ (D x m) float64 products per subset."""
     x, y = _pair(gen, ref, ("gen", "ref"), min_rows=2)
-    subsets, subset_size = _whole(subsets, "subsets", 1), _whole(subset_size, "subset_size", 2)
+    subsets, subset_size = whole_number(subsets, "subsets", 1), whole_number(subset_size, "subset_size", 2)
     params = _kernel_params(x.shape[1], degree, gamma, coef0)
     m = min(subset_size, len(x), len(y))
     if len(x) == m and len(y) == m:  # every subset is a permutation of everything; MMD^2 is permutation-invariant
@@ -166,7 +166,7 @@ def precision_recall(gen: Any, ref: Any, k: int = 3, batch_size: int = 1024) -> 
     three (N x D) @ (D x N) products. Both sets are centred on the reference mean first (distances are
     unchanged, round-off is smaller)."""
     x, y = _pair(gen, ref, ("gen", "ref"))
-    k, batch_size = _whole(k, "k", 1), _whole(batch_size, "batch_size", 1)
+    k, batch_size = whole_number(k, "k", 1), whole_number(batch_size, "batch_size", 1)
     for name, rows in (("gen", len(x)), ("ref", len(y))):
         if rows <= k:
             raise ValueError(f"{name} has {rows} sample(s); k={k} nearest neighbours need more than k rows "
