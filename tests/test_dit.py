@@ -507,17 +507,28 @@ def test_torch_compile_fullgraph_without_graph_breaks():
         explain = torch._dynamo.explain(model)(x, t, y)
         assert explain.graph_break_count == 0, explain.break_reasons
         compiled = torch.compile(model, backend="eager", fullgraph=True)
+        eager = MicroDiT(**model.config).train()
+        eager.load_state_dict(model.state_dict())
+        graphed = MicroDiT(**model.config).train().compile_graph(backend="eager")  # what train.compile uses
+        graphed.load_state_dict(model.state_dict())
         for ratio in (0.0, 0.5):
             torch.manual_seed(7)
             out_c = compiled(x, t, y, mask_ratio=ratio)
             torch.manual_seed(7)
-            out_e = model(x, t, y, mask_ratio=ratio)
+            out_e = eager(x, t, y, mask_ratio=ratio)
             torch.testing.assert_close(out_c["sample"], out_e["sample"], rtol=1e-5, atol=1e-6)
+            # the trainer's call: the mask drawn from a generator outside the graph, the rest one graph
+            out_g = graphed(x, t, y, mask_ratio=ratio, generator=torch.Generator().manual_seed(3))
+            out_r = eager(x, t, y, mask_ratio=ratio, generator=torch.Generator().manual_seed(3))
+            torch.testing.assert_close(out_g["sample"], out_r["sample"], rtol=1e-5, atol=1e-6)
             if ratio:
-                assert torch.equal(out_c["mask"], out_e["mask"])
+                assert torch.equal(out_c["mask"], out_e["mask"]) and torch.equal(out_g["mask"], out_r["mask"])
             out_c["sample"].square().mean().backward()
+            out_g["sample"].square().mean().backward()
             assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+            assert all(torch.isfinite(p.grad).all() for p in graphed.parameters())
             model.zero_grad()
+            graphed.zero_grad()
     finally:
         torch._dynamo.reset()
 

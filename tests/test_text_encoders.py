@@ -53,7 +53,7 @@ def test_byte_tokenizer_ids_are_utf8_bytes_with_bos_eos_and_padding():
     assert out["input_ids"][0, :len(want)].tolist() == want
     assert out["input_ids"][0, len(want):].eq(PAD_ID).all()
     assert out["attention_mask"].sum(1).tolist() == [len(want), 4]
-    assert out["truncated"].tolist() == [False, False]
+    assert out["truncated"] == [False, False]
     assert tok.decode(out["input_ids"][0]) == unicodedata.normalize("NFC", text)
     longest = tok([text, "ab"], padding="longest")
     assert longest["input_ids"].shape == (2, len(want))
@@ -63,7 +63,7 @@ def test_byte_tokenizer_ids_are_utf8_bytes_with_bos_eos_and_padding():
 def test_byte_tokenizer_truncates_at_a_character_boundary_and_flags_it():
     tok = ByteTokenizer(max_length=8)  # 6 bytes of text fit
     out = tok(["ééé", "éééé", "abcdefgh"])  # 6 bytes (fits), 8 bytes, 8 bytes
-    assert out["truncated"].tolist() == [False, True, True]
+    assert out["truncated"] == [False, True, True]
     assert tok.decode(out["input_ids"][1]) == "ééé"  # 6 bytes: no half character
     assert tok.decode(out["input_ids"][2]) == "abcdef"
     assert out["input_ids"][:, -1].tolist() == [EOS_ID] * 3 and out["attention_mask"].all()  # exactly full

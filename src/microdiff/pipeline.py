@@ -110,6 +110,7 @@ class Pipeline:
         self.autoencoder = autoencoder
         self.denoiser = denoiser
         self.defaults = defaults or SamplingDefaults()
+        self.decode_batch_size: int | None = None  # latents per autoencoder.decode call (None: a whole batch)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:
@@ -176,9 +177,18 @@ class Pipeline:
         denoiser = Denoiser(backbone, parameterization_from_config(config["parameterization"]))
         return cls(text_encoder, autoencoder, denoiser, SamplingDefaults(**config.get("defaults", {})))
 
-    def compile(self, **options: Any) -> "Pipeline":
-        """``torch.compile`` the backbone (pays off for many images at one size)."""
-        self.denoiser.backbone = torch.compile(self.denoiser.backbone, **options)
+    def compile(self, cuda_graphs: bool = False, **options: Any) -> "Pipeline":
+        """``torch.compile`` the backbone (pays off for many images at one size). A MicroDiT compiles as
+        one graph with no break (``MicroDiT.compile_graph``). ``cuda_graphs``: also capture each call as
+        a CUDA graph (torch.compile's ``mode="reduce-overhead"``), which removes the per-kernel launch
+        cost of small batches; on the CPU it is ignored."""
+        if cuda_graphs and self.device.type == "cuda":
+            options = {"mode": "reduce-overhead", **options}
+        backbone = self.denoiser.backbone
+        if hasattr(backbone, "compile_graph"):
+            backbone.compile_graph(**options)
+        else:
+            self.denoiser.backbone = torch.compile(backbone, **options)
         return self
 
     # ------------------------------------------------------------------ generation
@@ -300,9 +310,18 @@ class Pipeline:
                                             cut_pow=clip.cut_pow, grad_clip=clip.grad_clip,
                                             generator=per_sample_generators(seed + start, stop - start))
             latents = sample(guided, x, sigmas, callback=callback, disable=not progress, **options)
-            decoded = self.autoencoder.decode(latents.float())
-            images.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
+            images.extend(self.decode(latents))
         return torch.cat(images)
+
+    def decode(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """Latents -> images in [0, 1] on the CPU, ``decode_batch_size`` latents per decoder call (a VAE
+        decoder at 512 px needs several GiB of activations per image)."""
+        step = self.decode_batch_size or latents.shape[0]
+        out = []
+        for chunk in latents.split(step):
+            decoded = self.autoencoder.decode(chunk.float())
+            out.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
+        return out
 
     def _masked(self, generators: list[torch.Generator], shape: tuple[int, int, int]):
         """The denoiser, or (Ambient Diffusion models) the denoiser with each image's fixed masks."""

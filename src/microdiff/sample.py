@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone first")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --compile on a GPU: replay each denoiser call as a CUDA graph")
+    parser.add_argument("--decode-batch", type=int, default=None,
+                        help="latents per autoencoder decode call (default: the whole batch; lower it at 512 px)")
     parser.add_argument("--out", default="samples", help="output folder (default: samples)")
     parser.add_argument("--grid", action="store_true", help="also write grid.png")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -99,8 +103,15 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if args.truncate_sigma is not None:
         pipe.defaults.truncate_sigma = args.truncate_sigma or None
+    problem = ("--cuda-graphs works through torch.compile: add --compile" if args.cuda_graphs and not args.compile
+               else f"--decode-batch={args.decode_batch}: must be at least 1"
+               if args.decode_batch is not None and args.decode_batch < 1 else None)
+    if problem:
+        print(f"microdiff sample: {problem}", file=sys.stderr)
+        return 2
+    pipe.decode_batch_size = args.decode_batch
     if args.compile:
-        pipe.compile()
+        pipe.compile(cuda_graphs=args.cuda_graphs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = {"height": args.size, "width": args.size} if args.size else {}

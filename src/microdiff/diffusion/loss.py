@@ -180,7 +180,8 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
                    noise: torch.Tensor | None = None, generator=None,
                    mask: torch.Tensor | None = None, reduction: str = "mean",
                    cond: dict | None = None, sigma_tn: torch.Tensor | None = None,
-                   ambient_weighting: str = "tweedie", input_mask: torch.Tensor | None = None) -> LossResult:
+                   ambient_weighting: str = "tweedie", input_mask: torch.Tensor | None = None,
+                   check_sigma: bool = True) -> LossResult:
     """One denoising-loss evaluation at per-sample noise levels ``sigma`` (shape (B,)).
 
     weighting: lambda(sigma) on |D - x0|^2; default is the parameterisation's natural one.
@@ -197,6 +198,8 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
       input_mask: what the network sees (Ambient Diffusion's A-tilde); the denoiser gets
         ``[c_in * m * x, m]`` (or ``c_in * m * x`` without mask channels), its skip uses ``m * x`` and
         F itself is the x0 prediction of hidden elements. Score the loss on A with ``mask``.
+      check_sigma: verify sigma > sigma_tn here (a host-device sync on a GPU); callers that checked on
+        the host already (the trainer's ambient step) pass False.
     """
     if sigma.shape != (x0.shape[0],):
         raise ValueError(f"sigma must have shape ({x0.shape[0]},), got {tuple(sigma.shape)}")
@@ -210,7 +213,7 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, *,
         x, target_x0, factor = x0 + s * noise, x0, None
     else:
         sigma_tn = sigma_tn.to(sigma.device, sigma.dtype)
-        if bool(((sigma_tn > 0) & (sigma <= sigma_tn)).any()):
+        if check_sigma and bool(((sigma_tn > 0) & (sigma <= sigma_tn)).any()):
             k = int(((sigma_tn > 0) & (sigma <= sigma_tn)).nonzero()[0])
             raise ValueError(f"sample {k}: sigma={float(sigma[k]):.4g} is not above its trusted noise level "
                              f"sigma_tn={float(sigma_tn[k]):.4g}; draw sigma above sigma_tn for noisy data")

@@ -132,7 +132,7 @@ class BuiltinTextEncoder(nn.Module):
     def encode(self, captions: list[str]) -> TextEncoding:
         captions = check_captions(captions)
         tokens = self.tokenizer(captions, self.padding)
-        _count_truncation(self, int(tokens["truncated"].sum()), len(captions))
+        _count_truncation(self, sum(tokens["truncated"]), len(captions))
         ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
         states = self(ids, mask)
         return TextEncoding(states, mask, masked_mean(states, mask))

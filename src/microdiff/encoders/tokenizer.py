@@ -58,7 +58,8 @@ class ByteTokenizer:
         kept = _cut_utf8(data, self.max_length - 2)
         return [BOS_ID, *(b + BYTE_OFFSET for b in kept), EOS_ID], len(kept) < len(data)
 
-    def __call__(self, captions: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
+    def __call__(self, captions: list[str], padding: str = "max_length") -> dict:
+        """``input_ids`` and ``attention_mask`` (B, L) tensors and ``truncated``, one bool per caption."""
         if padding not in ("max_length", "longest"):
             raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         rows, cut = zip(*(self.ids(c) for c in captions)) if captions else ((), ())
@@ -67,7 +68,7 @@ class ByteTokenizer:
         for i, row in enumerate(rows):
             input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": input_ids != PAD_ID,
-                "truncated": torch.tensor(cut, dtype=torch.bool)}
+                "truncated": list(cut)}
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """The text of one row of ids (special tokens dropped; invalid UTF-8 shown as U+FFFD)."""

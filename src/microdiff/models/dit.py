@@ -313,6 +313,19 @@ class MicroDiT(nn.Module):
         token (default: attend to all, as micro_diffusion); mask_ratio: fraction of tokens dropped
         after the patch-mixer, drawn from ``generator`` (default: torch's global generator)."""
         y = self._check_inputs(x, y, y_mask)
+        drop = None
+        if mask_ratio > 0:  # drawn outside the graph: a torch.Generator cannot enter a compiled graph
+            drop = draw_token_mask(x.shape[0], self.grid[0] * self.grid[1], mask_ratio, x.device, generator)
+        keep, restore = (None, None) if drop is None else (drop["keep"], drop["restore"])
+        graph = self.__dict__.get("_graph") or self.transform
+        out = graph(x, t, y, y_mask, keep, restore)
+        mask = None if drop is None else drop["mask"]
+        return {"sample": out, "mask": mask, "loss_mask": None if mask is None else self.visible_pixels(mask)}
+
+    def transform(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None,
+                  keep: torch.Tensor | None, restore: torch.Tensor | None) -> torch.Tensor:
+        """The network proper, given the kept tokens' indices (B, K) and the inverse shuffle (B, T) of
+        :func:`draw_token_mask` (None: no masking). Pure tensor code: one graph under torch.compile."""
         b = x.shape[0]
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(noise_batch(t, b, x.device))
@@ -324,20 +337,22 @@ class MicroDiT(nn.Module):
             y_mixer = self.patch_mixer_map_y(y)
             for block in self.patch_mixer:
                 tokens = self._run(block, tokens, y_mixer, c, y_mask)
-        drop = None
-        if mask_ratio > 0:
-            drop = draw_token_mask(b, tokens.shape[1], mask_ratio, x.device, generator)
-            tokens = gather_tokens(tokens, drop["keep"])
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep)
         if self.use_patch_mixer:
             tokens = self.patch_mixer_map_xout(tokens)
         for block in self.blocks:
             tokens = self._run(block, tokens, y, c, y_mask)
         patches = self.final_layer(tokens, c)
-        if drop is not None:
-            patches = restore_tokens(patches, drop["restore"], self.mask_token)
-        out = self.unpatchify(patches)
-        mask = None if drop is None else drop["mask"]
-        return {"sample": out, "mask": mask, "loss_mask": None if mask is None else self.visible_pixels(mask)}
+        if restore is not None:
+            patches = restore_tokens(patches, restore, self.mask_token)
+        return self.unpatchify(patches)
+
+    def compile_graph(self, **options: Any) -> "MicroDiT":
+        """``torch.compile`` the network (everything but the token-mask draw) as one graph;
+        ``fullgraph=True`` makes any graph break an error. Options go to torch.compile."""
+        self.__dict__["_graph"] = torch.compile(self.transform, **{"fullgraph": True, **options})
+        return self
 
     def _run(self, block: DiTBlock, x, y, c, y_mask):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -155,6 +155,12 @@ def _attention_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     return key_mask[:, None, None, :]
 
 
+def _qk_norm(norm: nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """QK-norm in float32 whatever the autocast dtype (bf16 statistics of q and k shift the attention
+    logits), returned in the dtype attention runs in."""
+    return norm(x.float()).to(dtype)
+
+
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
@@ -181,7 +187,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``key_mask`` (B, T), True = a real token others may attend to (None: all tokens)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k = self.ln_q(q).to(v.dtype), self.ln_k(k).to(v.dtype)
+        q, k = _qk_norm(self.ln_q, q, v.dtype), _qk_norm(self.ln_k, k, v.dtype)
         out = F.scaled_dot_product_attention(
             *(_split_heads(a, self.heads) for a in (q, k, v)), attn_mask=_attention_mask(key_mask))
         return self.proj(_merge_heads(out))
@@ -211,7 +217,7 @@ class CrossAttention(nn.Module):
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         q = self.q_linear(x)
         k, v = self.kv_linear(context).chunk(2, dim=-1)
-        q, k = self.ln_q(q).to(v.dtype), self.ln_k(k).to(v.dtype)
+        q, k = _qk_norm(self.ln_q, q, v.dtype), _qk_norm(self.ln_k, k, v.dtype)
         out = F.scaled_dot_product_attention(
             *(_split_heads(a, self.heads) for a in (q, k, v)), attn_mask=_attention_mask(context_mask))
         return self.proj(_merge_heads(out))

@@ -207,6 +207,14 @@ def check_consistency(config: AmbientConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- per micro-batch
+def check_above(sigma, sigma_tn: list[float]) -> None:
+    """Every noisy sample's sigma must lie above its sigma_tn (checked on the host, before the loss)."""
+    for k, (s, tn) in enumerate(zip(sigma, sigma_tn)):
+        if tn > 0 and s <= tn:
+            raise ValueError(f"sample {k}: sigma={float(s):.4g} is not above its trusted noise level "
+                             f"sigma_tn={tn:.4g}; draw sigma above sigma_tn for noisy data")
+
+
 class AmbientStep:
     """Turns a micro-batch into the ambient loss's inputs."""
 
@@ -223,26 +231,33 @@ class AmbientStep:
 
     def __call__(self, batch: dict[str, Any], x0: torch.Tensor, sigma: torch.Tensor, step: int,
                  offset: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor | None]:
-        """Returns (x0 or x_tn, sigma, loss keyword arguments, loss mask A)."""
+        """Returns (x0 or x_tn, sigma, loss keyword arguments, loss mask A). ``sigma``: the micro-batch's
+        sigmas on the host (drawn there), so that range checks never wait for the GPU."""
+        from .trainer import to_device
+
         c, device = self.config, x0.device
         levels = [self.table.levels(k, m) for k, m in zip(batch["key"], batch["meta"])]
         if "sigma" in batch:  # sigma_first: drawn with the batch
-            sigma = batch["sigma"].to(device, x0.dtype)
+            sigma = batch["sigma"]
         else:
             bounds = torch.tensor([self.table.bounds(lv) for lv in levels], dtype=torch.float64)
-            outside = (sigma.double().cpu() <= bounds[:, 0]) | (sigma.double().cpu() > bounds[:, 1])
-            if bool(outside.any()):
+            outside = ((sigma.double() <= bounds[:, 0]) | (sigma.double() > bounds[:, 1])).numpy()  # host data
+            if outside.any():
+                outside = torch.from_numpy(outside)
                 gen = torch.Generator().manual_seed(mixed_seed("sigma-in-range", self.seed, step, offset))
                 redrawn = truncated_sigma(self.noise_dist, bounds[outside, 0], bounds[outside, 1], gen)
                 sigma = sigma.clone()
-                sigma[outside.to(device)] = redrawn.to(device, sigma.dtype)
+                sigma[outside] = redrawn.to(sigma.dtype)
         kwargs: dict[str, Any] = {}
         if c.target == "tweedie":
-            sigma_tn = torch.tensor([lv.sigma_tn for lv in levels], dtype=x0.dtype, device=device)
+            tn = [lv.sigma_tn for lv in levels]
+            check_above(sigma.numpy(), tn)
+            sigma_tn = to_device(torch.tensor(tn, dtype=x0.dtype), device)
             x0 = self._add_fixed_noise(x0, levels, batch["key"])
-            kwargs = {"sigma_tn": sigma_tn, "ambient_weighting": c.weighting}
+            kwargs = {"sigma_tn": sigma_tn, "ambient_weighting": c.weighting, "check_sigma": False}
+        sigma = to_device(sigma, device).to(x0.dtype)
         if c.consistency_weight > 0:
-            kwargs["consistency"] = self._consistency_inputs(x0, sigma_tn, step, offset)
+            kwargs["consistency"] = self._consistency_inputs(x0, sigma_tn, tn, step, offset)
         loss_mask = None
         if c.mask_input:
             observed = batch.get("mask")
@@ -259,17 +274,19 @@ class AmbientStep:
                              "(Ambient Diffusion) or ambient.enabled=false (treat the masked images as clean)")
         return x0, sigma, kwargs, loss_mask
 
-    def _consistency_inputs(self, x_tn: torch.Tensor, sigma_tn: torch.Tensor, step: int,
+    def _consistency_inputs(self, x_tn: torch.Tensor, sigma_tn: torch.Tensor, tn: list[float], step: int,
                             offset: int) -> dict[str, Any] | None:
         """Up to ``consistency_samples`` noisy samples of the micro-batch, each with a sigma below its
         sigma_tn drawn from the noise distribution restricted to (0, sigma_tn], and the generator of
-        their reverse draws (all seeded by step and offset, so a resumed run repeats them)."""
+        their reverse draws (all seeded by step and offset, so a resumed run repeats them).
+        ``tn``: the same sigma_tn values on the host."""
         c = self.config
-        index = (sigma_tn > 0).nonzero().reshape(-1)[:c.consistency_samples]
-        if not len(index):
+        chosen = [i for i, v in enumerate(tn) if v > 0][:c.consistency_samples]
+        if not chosen:
             return None
+        index = torch.tensor(chosen, device=x_tn.device)
         gen = torch.Generator().manual_seed(mixed_seed("consistency-sigma", self.seed, step, offset))
-        hi = sigma_tn[index].double().cpu()
+        hi = torch.tensor([tn[i] for i in chosen], dtype=torch.float64)
         sigma = truncated_sigma(self.noise_dist, torch.zeros_like(hi), hi, gen).to(x_tn.device, x_tn.dtype)
         draws = torch.Generator(device=x_tn.device).manual_seed(mixed_seed("consistency-draws", self.seed, step, offset))
         return {"index": index, "x_tn": x_tn[index], "sigma_tn": sigma_tn[index], "sigma": sigma,

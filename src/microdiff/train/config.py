@@ -45,6 +45,7 @@ class DataConfig:
     vocabulary: dict = field(default_factory=dict)  # shapes:N only: e.g. {sizes: [large]}
     corruption: Any = None  # corruption mixture, e.g. [[0.9, 'noise:0.2']] (data/shapes.py; any image source)
     num_workers: int = 0
+    pin_memory: Union[bool, None] = None  # page-locked batches for async host-to-GPU copies (null: on for CUDA)
     cache: bool = False  # map-style sources: keep decoded samples in memory after their first use
     shuffle_buffer: int = 1000  # shard folders only
     seed: int = 0  # data order (and shapes content)
@@ -107,6 +108,7 @@ class OptimConfig:
     warmup_steps: int = 0
     final_lr_ratio: float = 0.1  # cosine/linear: the lr at the last step, as a fraction of lr
     grad_clip: Union[float, None] = 1.0  # max global grad norm (null: no clipping)
+    fused: Union[bool, None] = None  # fused AdamW kernel (null: on, except under FSDP)
 
 
 @dataclass

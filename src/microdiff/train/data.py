@@ -143,16 +143,18 @@ class _MicroBatches(torch.utils.data.Sampler):
 class MapBatches:
     """Per-step micro-batches of a map-style dataset; ``state_dict`` is the next step."""
 
-    def __init__(self, dataset, config: DataConfig, global_batch: int, splits: list[tuple[int, int]]):
+    def __init__(self, dataset, config: DataConfig, global_batch: int, splits: list[tuple[int, int]],
+                 pin_memory: bool = False):
         if len(dataset) == 0:
             raise ValueError(f"data.source={config.source!r}: the dataset is empty")
         self.dataset, self.config, self.global_batch, self.splits = dataset, config, global_batch, splits
+        self.pin_memory = pin_memory
         self.next_step = 0
 
     def _loader(self, start_step: int, total_steps: int):
         sampler = _MicroBatches(len(self.dataset), self.config, self.global_batch, self.splits, start_step, total_steps)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
-                                           collate_fn=collate)
+                                           collate_fn=collate, pin_memory=self.pin_memory)
 
     def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
         micro: list[tuple[int, dict]] = []
@@ -176,13 +178,15 @@ class MapBatches:
 class ShardBatches:
     """Per-step micro-batches from precomputed shards; resumes through the stream's own state."""
 
-    def __init__(self, config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int):
+    def __init__(self, config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int,
+                 pin_memory: bool = False):
         from ..data.shards import ShardStream, StreamLoader
 
         self.stream = ShardStream(config.source, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
                                   rank=rank, world_size=world_size)
         self.splits = splits
-        self.loader = StreamLoader(self.stream, batch_size=splits[0][1], num_workers=config.num_workers)
+        self.loader = StreamLoader(self.stream, batch_size=splits[0][1], num_workers=config.num_workers,
+                                   pin_memory=pin_memory)
 
     def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
         step = start_step
@@ -294,27 +298,29 @@ class SigmaFirstBatches(MapBatches):
     """Map-style batches whose samples are chosen for the step's sigmas (ambient ``sigma_first``):
     ``chooser(step)`` returns the global batch's indices and sigmas. Resumes from the step."""
 
-    def __init__(self, dataset, config: DataConfig, global_batch: int, splits, chooser):
-        super().__init__(dataset, config, global_batch, splits)
+    def __init__(self, dataset, config: DataConfig, global_batch: int, splits, chooser, pin_memory: bool = False):
+        super().__init__(dataset, config, global_batch, splits, pin_memory)
         self.chooser = chooser
 
     def _loader(self, start_step: int, total_steps: int):
         sampler = _SigmaFirst(self.chooser, self.splits, start_step, total_steps)
         return torch.utils.data.DataLoader(_WithSigma(self.dataset), batch_sampler=sampler,
-                                           num_workers=self.config.num_workers, collate_fn=collate_with_sigma)
+                                           num_workers=self.config.num_workers, collate_fn=collate_with_sigma,
+                                           pin_memory=self.pin_memory)
 
 
 def build_batches(config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int,
-                  progress: bool = True):
+                  progress: bool = True, pin_memory: bool = False):
+    """Batches of ``config.source``; ``pin_memory``: collate into page-locked memory (async GPU copies)."""
     if is_shard_folder(config.source):
         if config.min_quality is not None:
             raise ValueError("data.min_quality applies to map-style sources; filter shards when writing them")
-        return ShardBatches(config, global_batch, splits, rank, world_size)
+        return ShardBatches(config, global_batch, splits, rank, world_size, pin_memory)
     dataset = build_map_dataset(config)
     dataset = CachedDataset(dataset) if config.cache else dataset
     if config.min_quality is not None:
         dataset = keep_quality(dataset, config.min_quality, config.source, progress=rank == 0 and progress)
-    return MapBatches(dataset, config, global_batch, splits)
+    return MapBatches(dataset, config, global_batch, splits, pin_memory)
 
 
 __all__ = ["build_batches", "CachedDataset", "SigmaFirstBatches", "Subset", "scan_records", "key_meta", "keep_quality", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",

@@ -35,6 +35,24 @@ def loss_by_sigma(per_sample: torch.Tensor, sigma: torch.Tensor, edges: list[flo
     return out
 
 
+def _on_host(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The window's device tensors as floats and CPU tensors, read in one transfer (a train step leaves
+    them on the device so that it never waits for the GPU)."""
+    if not window:
+        return window
+    scalars = [(i, k) for i, m in enumerate(window) for k, v in m.items()
+               if isinstance(v, torch.Tensor) and v.ndim == 0]
+    values = torch.stack([window[i][k].float() for i, k in scalars]).cpu().tolist() if scalars else []
+    out = [dict(m) for m in window]
+    for (i, k), v in zip(scalars, values):
+        out[i][k] = v
+    for m in out:
+        for k, v in m.items():
+            if isinstance(v, torch.Tensor):
+                m[k] = v.cpu()
+    return out
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
@@ -90,7 +108,7 @@ class Monitor:
             self._flush(step)
 
     def _flush(self, step: int) -> None:
-        window, self.window = self.window, []
+        window, self.window = _on_host(self.window), []
         if not window:
             return
         now = time.perf_counter()

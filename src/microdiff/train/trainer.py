@@ -113,14 +113,14 @@ class TrainModule(nn.Module):
         for i, c in enumerate(captions):
             s, m = cache[c]
             states[i, :s.shape[0]], mask[i, :m.shape[0]] = s, m
-        return states.to(device), mask.to(device)
+        return to_device(states, device), to_device(mask, device)
 
     def condition(self, text: dict[str, Any], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """Backbone caption inputs from precomputed states (``text``/``text_mask``) or raw ``caption``s;
         dropped captions become zero states with no valid token (micro_diffusion's unconditional input)."""
         device = next(self.backbone.parameters()).device
         if "text" in text:
-            states, mask = text["text"].to(device), text["text_mask"].to(device)
+            states, mask = to_device(text["text"], device), to_device(text["text_mask"], device)
         elif self.text_encoder is None and self.caption_mask:
             states, mask = self._frozen_states(list(text["caption"]), device)
         else:  # a trainable encoder, or a frozen one whose padding states the backbone sees (no mask)
@@ -139,7 +139,7 @@ class TrainModule(nn.Module):
     def forward(self, x0, sigma, noise, text, drop, weighting, reduction, mask=None, ambient=None, **backbone_kwargs):
         """``ambient``: denoising_loss's sigma_tn / ambient_weighting / input_mask (see train/ambient.py)."""
         cond = self.condition(text, drop)
-        denoiser = Denoiser(self.compiled or self.backbone, self.parameterization)
+        denoiser = Denoiser(self.backbone if self.compiled is None else self.compiled, self.parameterization)
         ambient = dict(ambient or {})
         consistency = ambient.pop("consistency", None)
         result = denoising_loss(denoiser, x0, sigma, noise=noise, weighting=weighting, reduction=reduction,
@@ -235,6 +235,41 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.G
     return cpu, dev
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host-to-GPU copy goes through page-locked memory without blocking the host."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+class HealthCheck:
+    """Non-finite loss or gradient-norm detection without a host-device sync per step: each step's values
+    stay on the device until :meth:`first_bad` looks at all of them at once (every ``log.every`` steps
+    and before each checkpoint). ``immediate`` (the CPU, where reading costs nothing) checks each step
+    before its update is applied."""
+
+    def __init__(self, immediate: bool):
+        self.immediate = immediate
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.pending.append((step, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
+
+    def first_bad(self) -> tuple[int, str, float] | None:
+        """(step, "loss" or "gradient norm", value) of the first non-finite value since the last call."""
+        if not self.pending:
+            return None
+        steps = [s for s, _ in self.pending]
+        values = torch.stack([v for _, v in self.pending]).cpu()
+        self.pending = []
+        finite = torch.isfinite(values)
+        for k in range(len(steps)):
+            for j, what in enumerate(("loss", "gradient norm")):
+                if not finite[k, j]:
+                    return steps[k], what, float(values[k, j])
+        return None
+
+
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
     """State of one training stage. ``Trainer(config, out).fit(resume="auto")``."""
@@ -282,7 +317,10 @@ class Trainer:
             self.init_report = load_init_weights(self.module, c.model.init_from, c.model.init_ema,
                                                  c.model.init_ignore_keys)
         if c.train.compile:
-            self.module.__dict__["compiled"] = torch.compile(backbone)
+            if hasattr(backbone, "compile_graph"):  # MicroDiT: one graph, no break (tests/test_dit.py)
+                backbone.compile_graph()
+            else:
+                self.module.__dict__["compiled"] = torch.compile(backbone)
         self.wrapped = wrap_model(self.module, self.dist, c.distributed.strategy)
         self.noise_dist = make_noise_distribution(c.noise.distribution, **c.noise.options)
         if c.ambient.mask_input and not c.ambient.enabled:
@@ -294,13 +332,17 @@ class Trainer:
                                        expert_lr_scale=c.optim.expert_lr_scale,
                                        text_encoder=self.module.text_encoder,
                                        text_encoder_lr_scale=c.optim.text_encoder_lr_scale)
-        self.optimizer = make_optimizer(self.groups, betas=c.optim.betas, eps=c.optim.eps)
+        fused = c.optim.fused if c.optim.fused is not None else not (self.dist.distributed
+                                                                      and c.distributed.strategy == "fsdp")
+        self.optimizer = make_optimizer(self.groups, betas=c.optim.betas, eps=c.optim.eps, fused=fused)
+        self.health = HealthCheck(immediate=self.device.type == "cpu")
         self.ema = EMA(((n, p) for n, p in self.module.named_parameters() if p.requires_grad), c.ema.decays,
                        c.ema.warmup, c.ema.start_step, c.ema.every)
         micro = c.train.micro_batch_size or c.train.batch_size // self.dist.world_size
         self.splits = split_batch(c.train.batch_size, self.dist.world_size, self.dist.rank, micro)
+        pin = c.data.pin_memory if c.data.pin_memory is not None else self.device.type == "cuda"
         self.data = build_batches(c.data, c.train.batch_size, self.splits, self.dist.rank, self.dist.world_size,
-                                  progress=c.log.progress)
+                                  progress=c.log.progress, pin_memory=pin)
         if hasattr(self.data, "stream") and self.data.stream.info:
             self.data.stream.check_encoders(self.autoencoder.identifier, self.text_encoder.identifier)
         self.ambient, self.ambient_report = (self._build_ambient() if c.ambient.enabled else (None, None))
@@ -329,7 +371,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(mixed_seed("sigma-redraw", seed, s))
             return sigma_first_batch(index, sigma, lambda n, _round: self.noise_dist.sample(n, generator=gen), seed, s)
 
-        self.data = SigmaFirstBatches(self.data.dataset, c.data, global_batch, self.splits, choose)
+        self.data = SigmaFirstBatches(self.data.dataset, c.data, global_batch, self.splits, choose,
+                                      self.data.pin_memory)
         lo = bounds[np.isfinite(bounds[:, 0]), 0]
         levels = ", ".join(f"{v:g} x{int(n)}" for v, n in zip(*np.unique(lo[lo > 0], return_counts=True)))
         report = (f"ambient: sigma_first over {len(lo)} samples, {int((lo == 0).sum())} clean"
@@ -420,6 +463,7 @@ class Trainer:
         return final
 
     def checkpoint(self) -> Path | None:
+        self.check_health()  # a diverged step never reaches a checkpoint
         state = self.state_dict()  # every rank takes part (gathers)
         weights = self.full_ema_weights() if self.config.checkpoint.pipeline else None
         path = None
@@ -436,20 +480,22 @@ class Trainer:
         c = self.config
         with torch.no_grad():
             if "latent" in batch:
-                x0 = batch["latent"].to(self.device, torch.float32)
+                x0 = to_device(batch["latent"], self.device).float()
             else:
-                x0 = self.autoencoder.encode(batch["image"].to(self.device)).float()
+                x0 = self.autoencoder.encode(to_device(batch["image"], self.device)).float()
         if tuple(x0.shape[1:]) != self.latent_shape:
             raise ValueError(f"data.source={c.data.source}: latents of shape {tuple(x0.shape[1:])}, but data.resolution="
                              f"{c.data.resolution} and the autoencoder give {self.latent_shape}; set data.resolution "
                              "to the resolution the latents were made at")
         n = x0.shape[0]
-        sigma = sigma_all[offset:offset + n].to(self.device, x0.dtype)
+        sigma = sigma_all[offset:offset + n]  # on the host: the ambient step checks ranges there
         drop = drop_all[offset:offset + n]
         noise = noise_all[offset:offset + n]
         mask, ambient = None, None  # without ambient, masked or noisy images are used as they are
         if self.ambient is not None:
             x0, sigma, ambient, mask = self.ambient(batch, x0, sigma, self.step, offset)
+        else:
+            sigma = to_device(sigma, self.device).to(x0.dtype)
         extra = {}
         if c.loss.mask_ratio > 0:
             extra = {"mask_ratio": c.loss.mask_ratio,
@@ -471,7 +517,7 @@ class Trainer:
                                          warmup_steps=c.optim.warmup_steps, final_lr_ratio=c.optim.final_lr_ratio))
         cpu_gen, noise_gen = step_generators(c.train.seed, self.step, self.device)
         sigma_all = self.noise_dist.sample(self._global_batch, generator=cpu_gen)
-        drop_all = torch.rand(self._global_batch, generator=cpu_gen) < c.loss.caption_dropout
+        drop_all = to_device(torch.rand(self._global_batch, generator=cpu_gen) < c.loss.caption_dropout, self.device)
         noise_all = torch.randn((self._global_batch, *self.latent_shape), generator=noise_gen, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         losses, per_samples, sigmas = [], [], []
@@ -484,30 +530,40 @@ class Trainer:
             per_samples.append(per_sample)
             sigmas.append(sigma)
         loss = all_reduce_mean(torch.stack(losses).mean().float(), self.dist)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(self._divergence_message(float(loss)))
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip)
                      if c.optim.grad_clip else _grad_norm(self.trainable))
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(self._divergence_message(float(grad_norm), "gradient norm"))
+        grad_norm = _full(grad_norm)  # FSDP2 returns the norm as a DTensor
+        self.health.add(self.step, loss, grad_norm)
+        if self.health.immediate:  # free on the CPU: stop before the bad update is applied
+            self.check_health()
         self.optimizer.step()
         self.ema.update(self.step)
         self.step += 1
-        metrics = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
-                   "per_sample": torch.cat(per_samples).float().cpu(), "sigma": torch.cat(sigmas).float().cpu(),
+        # Device tensors, not floats: reading them here would make the host wait for the GPU every step.
+        # The monitor converts them when it writes a row (every log.every steps).
+        metrics = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": self.optimizer.param_groups[0]["lr"],
+                   "per_sample": torch.cat(per_samples).float(), "sigma": torch.cat(sigmas).float(),
                    "images": sum(int(b["latent" if "latent" in b else "image"].shape[0])
                                  for _, b in micro_batches if b is not None) * self.dist.world_size}
         if self.module.last_consistency is not None:
-            metrics["consistency"] = float(self.module.last_consistency.detach())
+            metrics["consistency"] = self.module.last_consistency.detach()
             self.module.last_consistency = None
         return metrics
 
-    def _divergence_message(self, value: float, what: str = "loss") -> str:
+    def check_health(self) -> None:
+        """Raise TrainingDiverged for the first step since the last check whose loss or gradient norm was
+        not finite (one host-device sync for all of them)."""
+        bad = self.health.first_bad()
+        if bad is not None:
+            step, what, value = bad
+            raise TrainingDiverged(self._divergence_message(value, what, step))
+
+    def _divergence_message(self, value: float, what: str, step: int) -> str:
         from .checkpoint import latest_checkpoint
 
         last = latest_checkpoint(self.out)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"step {self.step}: the {what} is {value}; training stopped before this step reached a checkpoint "
+        return (f"step {step}: the {what} is {value}; training stopped before this step reached a checkpoint "
                 f"({where}). Lower optim.lr, set optim.grad_clip, or use train.precision=fp32, then "
                 "resume with --resume auto")
 
@@ -538,6 +594,8 @@ class Trainer:
         try:
             for micro_batches in self.data.steps(self.step, c.train.steps):
                 metrics = self.train_step(micro_batches)
+                if self.step % max(c.log.every, 1) == 0:
+                    self.check_health()  # before the monitor reads the values
                 monitor.record(self.step, metrics)
                 if c.log.sample_every and self.step % c.log.sample_every == 0 and self.step < c.train.steps:
                     self._sample_grid(monitor)
@@ -557,6 +615,7 @@ class Trainer:
     def _sample_grid(self, monitor: Monitor) -> None:
         if not self.config.log.sample_prompts:
             return
+        self.check_health()
         weights = self.full_ema_weights()  # every rank (FSDP gathers)
         if not self.dist.is_main:
             return
@@ -586,5 +645,5 @@ def train(config: RunConfig, out: str | Path, resume: str | None = "auto") -> di
     return Trainer(config, out).fit(resume)
 
 
-__all__ = ["Trainer", "TrainModule", "TrainingDiverged", "train", "build_backbone", "load_init_weights",
+__all__ = ["Trainer", "TrainModule", "TrainingDiverged", "HealthCheck", "to_device", "train", "build_backbone", "load_init_weights",
            "step_generators", "caption_layout"]
