@@ -23,8 +23,7 @@ bench: setup
 	$(PY) benchmarks/samplers.py
 	$(PY) benchmarks/models.py
 	$(PY) benchmarks/data.py
-	$(PY) benchmarks/sampling.py
-	$(PY) benchmarks/training.py
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -140,3 +140,19 @@ def test_modulate():
     scale = torch.randn(2, 4, generator=g, dtype=torch.float64)
     want = np.stack([x[b].numpy() * (1 + scale[b].numpy()) + shift[b].numpy() for b in range(2)])
     np.testing.assert_allclose(modulate(x, shift, scale).numpy(), want, **TOL)
+
+
+def test_attention_under_cpu_autocast_computes_in_float32():
+    """CPU bf16 autocast would run SDPA in bf16, which torch's CPU flash kernel does more slowly than
+    float32; our attention() keeps it in float32 there and returns the autocast dtype."""
+    from microdiff.models.layers import attention
+
+    gen = _gen(9)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=gen).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(q, k, v, None)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # what autocast alone would do
+    assert low.dtype == torch.bfloat16

@@ -114,6 +114,8 @@ def test_pipeline_with_our_own_autoencoder_travels_as_one_folder(pipe, tmp_path)
     shutil.rmtree(tmp_path / "vae")
     loaded = Pipeline.from_pretrained(tmp_path / "moved")
     torch.testing.assert_close(loaded.generate(PROMPTS[:2], seed=0), images, atol=0, rtol=0)
+    loaded.decode_batch_size = 1  # chunked decode: one latent per decoder call, the same images
+    torch.testing.assert_close(loaded.generate(PROMPTS[:2], seed=0), images, atol=1e-6, rtol=0)
 
 
 def test_weighted_prompts(pipe):

@@ -80,6 +80,13 @@ def test_sample_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not a microdiff pipeline config" in r.stderr
 
 
+@pytest.mark.parametrize("flags, message", [(["--cuda-graphs"], "--cuda-graphs works through torch.compile"),
+                                            (["--decode-batch", "0"], "--decode-batch=0: must be at least 1")])
+def test_sample_speed_flags_are_checked(checkpoint, tmp_path, flags, message):
+    r = _sample("a red circle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"), *flags)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr
+
+
 def test_sample_with_clip_guidance_and_an_image_prompt(checkpoint, tmp_path):
     """CLIP guidance end to end: a tiny random CLIP built offline (as in test_clip_guidance.py), a text
     and an image prompt; the guided images differ from the unguided ones and the settings are logged."""
