@@ -1,6 +1,6 @@
 """Performance, measured side by side in one run: the straightforward implementation beside ours.
 
-    python benchmarks/run.py                    # CPU: MicroDiT_Small_2 and _Tiny_2, ~25 minutes on 2 cores
+    python benchmarks/run.py                    # CPU: MicroDiT_Small_2 and _Tiny_2, ~35 minutes on 2 cores
     python benchmarks/run.py --quick            # CPU: 256 px training only, about 5 minutes
     python benchmarks/run.py --device cuda      # GPU: MicroDiT_XL_2 at 256 and 512 px (benchmarks/gpu.sh)
 
@@ -16,7 +16,8 @@ zero) and the same seeds, at mask ratio 0 and 0.75. Model FLOPs are counted with
 one forward + backward of the gather model; MFU is against the measured matmul peak of the dtype the
 variant computes in (bf16 for ``optimised``, fp32 for ``reference``). ``out_rel_err`` compares the
 optimised network's output with the reference network's on one batch (same weights, same token mask);
-``loss_rel_err`` compares the two first-step losses.
+``loss_rel_err`` compares the two first-step losses. On a GPU, ``syncs_per_step`` counts the calls in the
+timed steps that made the host wait for the device (torch.cuda.set_sync_debug_mode("warn")).
 
 Sampling: 30-step Heun with CFG 5 from the same noise. ``reference``: two separate float32 eager
 forwards per denoiser call (micro_diffusion's loop); ``optimised``: the Pipeline's batched CFG with
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -61,6 +63,8 @@ PLANS = {  # (preset, latent side, batch, variants); a latent side of 32 is a 25
     "cpu": {"training": [("MicroDiT_Small_2", 32, 8, ("reference", "optimised")),
                          ("MicroDiT_Small_2", 64, 4, ("reference", "optimised")),
                          ("MicroDiT_Tiny_2", 32, 4, ("reference", "optimised"))],
+            # the masked speed-up at a batch where per-step costs (AdamW, EMA, clipping: O(params)) weigh less
+            "training-batch16": [("MicroDiT_Tiny_2", 32, 16, ("optimised",))],
             "sampling": [("MicroDiT_Small_2", 32, 4)], "caption_dim": 384, "warmup": 2, "steps": 7},
     "cuda": {"training": [("MicroDiT_XL_2", 32, 32, ("reference", "optimised", "optimised+ckpt"))],
              "training-512": [("MicroDiT_XL_2", 64, 8, ("optimised",))],
@@ -192,13 +196,20 @@ def training_case(spec: dict) -> dict:
             trainer.train_step(micro)
         _sync(device)
         times, start = [], time.perf_counter()
-        for _ in range(spec["steps"]):
-            metrics = trainer.train_step(micro)
-            if reference:
-                float(metrics["loss"])  # the straightforward loop logs loss.item() every step
-            if device.type == "cpu":  # per step on the CPU (a shared machine is noisy): the median
-                times.append(time.perf_counter() - start)
-                start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.type == "cuda":  # torch warns at every synchronising call: counted below
+                torch.cuda.set_sync_debug_mode("warn")
+            for _ in range(spec["steps"]):
+                metrics = trainer.train_step(micro)
+                if reference:
+                    float(metrics["loss"])  # the straightforward loop logs loss.item() every step
+                if device.type == "cpu":  # per step on the CPU (a shared machine is noisy): the median
+                    times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
         _sync(device)
         if device.type == "cuda":  # on a GPU only the total: timing each step would add a sync per step
             seconds = time.perf_counter() - start
@@ -206,7 +217,8 @@ def training_case(spec: dict) -> dict:
             seconds = sorted(times)[len(times) // 2] * spec["steps"]
     return {"images_per_s": spec["steps"] * spec["batch"] / seconds, "flops_per_image": flops,
             "first_step_s": first_seconds, "first_loss": first_loss, "out_rel_err": error,
-            "peak_mem_GiB": peak_memory_gib(device)}
+            "peak_mem_GiB": peak_memory_gib(device),
+            "syncs_per_step": syncs / spec["steps"] if device.type == "cuda" else None}
 
 
 def run_case_process(spec: dict, timeout: float) -> dict:
@@ -408,7 +420,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--sections", default=None,
-                        help="comma-separated parts: training (cuda also training-512), sampling, data (default: all)")
+                        help="comma-separated parts: training, training-batch16 (cpu), training-512 (cuda), sampling, "
+                             "data (default: all)")
     parser.add_argument("--quick", action="store_true", help="CPU: only the 256 px training cases")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case on the CPU (default 2)")
     parser.add_argument("--sampling-repeats", type=int, default=2)
