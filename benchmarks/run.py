@@ -21,7 +21,8 @@ timed steps that made the host wait for the device (torch.cuda.set_sync_debug_mo
 
 Sampling: 30-step Heun with CFG 5 from the same noise. ``reference``: two separate float32 eager
 forwards per denoiser call (micro_diffusion's loop); ``optimised``: the Pipeline's batched CFG with
-bf16 weights and the compiled graph (and, with --cuda-graphs, CUDA graph replay).
+bf16 weights and the compiled graph; on a GPU also with CUDA graph replay of each denoiser call.
+Latents only (the identity autoencoder); ``mean_rel_diff`` compares final latents with the reference's.
 
 Data: the shard loader (webdataset tars of fp16 latents + caption states), pinned batches, 0 and 2
 workers, against the best training rate of the same run.
