@@ -250,8 +250,15 @@ def training_rows(args, plan: dict, peaks: dict, part: str = "training") -> list
                 rows.append({"preset": preset, "image_px": side * 8, "batch": batch, "mask": mask, "variant": variant,
                              **result})
                 print("  ", rows[-1], flush=True)
-    # FLOPs come from the optimised (gather) case of the same shape: the model's FLOPs, not the dense dispatch's
-    flops = {(r["preset"], r["image_px"], r["mask"]): r["flops_per_image"] for r in rows if r.get("flops_per_image")}
+    return add_mfu(rows, peaks)
+
+
+def add_mfu(rows: list[dict], peaks: dict) -> list[dict]:
+    """TFLOP/s and MFU per row. FLOPs come from the optimised (gather) case of the same shape: the
+    model's FLOPs, not the dense dispatch's, nor the recomputation that activation checkpointing adds
+    (MFU counts model FLOPs). The peak is the measured one of the dtype the variant computes in."""
+    flops = {(r["preset"], r["image_px"], r["mask"]): r["flops_per_image"] for r in rows
+             if r.get("flops_per_image") and r["variant"] == "optimised"}
     for r in rows:
         f = flops.get((r["preset"], r["image_px"], r["mask"]))
         if "images_per_s" in r and f:

@@ -35,3 +35,11 @@ def test_section_names_follow_the_plan():
     assert [k for k in run.PLANS["cuda"] if k.startswith("training")] == ["training", "training-512"]
     assert all(len(case) == 4 and set(case[3]) <= set(run.VARIANTS) for plan in run.PLANS.values()
                for key, cases in plan.items() if key.startswith("training") for case in cases)
+
+
+def test_mfu_counts_model_flops_not_the_recomputation_of_checkpointing():
+    peaks = {"fp32": 1e12, "bf16": 2e12}
+    rows = [{"preset": "P", "image_px": 256, "mask": 0.0, "variant": v, "images_per_s": 10.0, "flops_per_image": f}
+            for v, f in (("optimised", 6e9), ("optimised+ckpt", 8e9), ("reference", None))]
+    got = run.add_mfu(rows, peaks)  # 6e9 FLOPs x 10 img/s = 0.06 TFLOP/s for every variant
+    assert [r["MFU_%"] for r in got] == pytest.approx([3.0, 3.0, 6.0])  # bf16 peak, bf16, fp32 peak
