@@ -144,7 +144,7 @@ def count_flops(trainer, batch: dict) -> float:
     return counter.get_total_flops() / n
 
 
-def output_error(trainer, batch: dict, caption_dim: int) -> float:
+def output_error(trainer, batch: dict) -> float:
     """max |F_opt - F_ref| / max |F_ref| of the network's raw output on one batch: the optimised network
     (graph, autocast, gather) against a float32 eager copy with micro_diffusion's dense dispatch and the
     same weights and token mask. (F, not D: D's skip term would hide F's error.)"""
@@ -187,7 +187,7 @@ def training_case(spec: dict) -> dict:
         micro = [(0, batch)]
         reference = spec["variant"] == "reference"
         flops = None if reference else count_flops(trainer, batch)
-        error = None if reference else output_error(trainer, batch, spec["caption_dim"])
+        error = None if reference else output_error(trainer, batch)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         compile_start = time.perf_counter()

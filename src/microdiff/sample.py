@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if args.truncate_sigma is not None:
         pipe.defaults.truncate_sigma = args.truncate_sigma or None
-    problem = ("--cuda-graphs works through torch.compile: add --compile" if args.cuda_graphs and not args.compile
-               else f"--decode-batch={args.decode_batch}: must be at least 1"
-               if args.decode_batch is not None and args.decode_batch < 1 else None)
-    if problem:
-        print(f"microdiff sample: {problem}", file=sys.stderr)
+    if args.cuda_graphs and not args.compile:
+        print("microdiff sample: --cuda-graphs works through torch.compile: add --compile", file=sys.stderr)
+        return 2
+    if args.decode_batch is not None and args.decode_batch < 1:
+        print(f"microdiff sample: --decode-batch={args.decode_batch}: must be at least 1", file=sys.stderr)
         return 2
     pipe.decode_batch_size = args.decode_batch
     if args.compile:

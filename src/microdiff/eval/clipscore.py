@@ -113,12 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``microdiff eval clip-score``: bad input ends with a one-line error and exit status 2."""
-    from .errors import USER_ERRORS, first_line, report_error
+    from .errors import run_reporting
 
-    try:
-        return _run(args)
-    except USER_ERRORS as err:
-        return report_error("eval clip-score", first_line(err))
+    return run_reporting("eval clip-score", _run, args)
 
 
 def score_pairs(pairs: list[Pair], clip, scale: float, batch_size: int, resolution: int | None,

@@ -19,4 +19,12 @@ def report_error(command: str, message: str) -> int:
     return 2
 
 
-__all__ = ["USER_ERRORS", "first_line", "report_error"]
+def run_reporting(command: str, fn, args) -> int:
+    """``fn(args)``, with bad input (USER_ERRORS) ending as one line on stderr and exit status 2."""
+    try:
+        return fn(args)
+    except USER_ERRORS as err:
+        return report_error(command, first_line(err))
+
+
+__all__ = ["USER_ERRORS", "first_line", "report_error", "run_reporting"]

@@ -87,12 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``microdiff eval fid``: bad input ends with a one-line error and exit status 2."""
-    from .errors import USER_ERRORS, first_line, report_error
+    from .errors import run_reporting
 
-    try:
-        return _run(args)
-    except USER_ERRORS as err:
-        return report_error("eval fid", first_line(err))
+    return run_reporting("eval fid", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -317,8 +317,8 @@ class MicroDiT(nn.Module):
         if mask_ratio > 0:  # drawn outside the graph: a torch.Generator cannot enter a compiled graph
             drop = draw_token_mask(x.shape[0], self.grid[0] * self.grid[1], mask_ratio, x.device, generator)
         keep, restore = (None, None) if drop is None else (drop["keep"], drop["restore"])
-        graph = self.__dict__.get("_graph") or self.transform
-        out = graph(x, t, y, y_mask, keep, restore)
+        graph = self.__dict__.get("_graph")
+        out = (self.transform if graph is None else graph)(x, t, y, y_mask, keep, restore)
         mask = None if drop is None else drop["mask"]
         return {"sample": out, "mask": mask, "loss_mask": None if mask is None else self.visible_pixels(mask)}
 

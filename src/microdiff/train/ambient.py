@@ -30,6 +30,7 @@ import torch
 
 from ..ambient.corruptions import further_mask, sample_generator
 from .config import AmbientConfig, ConfigError
+from .data import to_device
 
 INF = math.inf
 
@@ -233,8 +234,6 @@ class AmbientStep:
                  offset: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor | None]:
         """Returns (x0 or x_tn, sigma, loss keyword arguments, loss mask A). ``sigma``: the micro-batch's
         sigmas on the host (drawn there), so that range checks never wait for the GPU."""
-        from .trainer import to_device
-
         c, device = self.config, x0.device
         levels = [self.table.levels(k, m) for k, m in zip(batch["key"], batch["meta"])]
         if "sigma" in batch:  # sigma_first: drawn with the batch

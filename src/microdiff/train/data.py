@@ -29,6 +29,13 @@ import torch
 from .config import DataConfig
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host-to-GPU copy goes through page-locked memory without blocking the host."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
@@ -323,5 +330,5 @@ def build_batches(config: DataConfig, global_batch: int, splits: list[tuple[int,
     return MapBatches(dataset, config, global_batch, splits, pin_memory)
 
 
-__all__ = ["build_batches", "CachedDataset", "SigmaFirstBatches", "Subset", "scan_records", "key_meta", "keep_quality", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
+__all__ = ["build_batches", "to_device", "CachedDataset", "SigmaFirstBatches", "Subset", "scan_records", "key_meta", "keep_quality", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
            "epoch_permutation", "collate", "is_shard_folder"]

@@ -36,8 +36,9 @@ def loss_by_sigma(per_sample: torch.Tensor, sigma: torch.Tensor, edges: list[flo
 
 
 def _on_host(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The window's device tensors as floats and CPU tensors, read in one transfer (a train step leaves
-    them on the device so that it never waits for the GPU)."""
+    """The window's device tensors as host values: every scalar (loss, grad norm, ...) as a float, read
+    together in one transfer, and the per-sample tensors copied to the CPU. A train step leaves them on
+    the device so that it never waits for the GPU; this runs once per ``log.every`` steps."""
     if not window:
         return window
     scalars = [(i, k) for i, m in enumerate(window) for k, v in m.items()

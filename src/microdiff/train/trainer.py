@@ -36,7 +36,7 @@ from ..diffusion.loss import denoising_loss, make_weighting
 from ..diffusion.noise import make_noise_distribution
 from .checkpoint import load_state, replace_dir, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config, to_dict
-from .data import build_batches, split_batch
+from .data import build_batches, split_batch, to_device
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, setup_distributed, teardown, wrap_model
 from .ema import EMA
 from .monitor import Monitor
@@ -233,13 +233,6 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.G
     cpu = torch.Generator().manual_seed(base)
     dev = torch.Generator(device=device).manual_seed(base ^ (0x9E3779B97F4A7C15 % (2**63 - 1)))
     return cpu, dev
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; a host-to-GPU copy goes through page-locked memory without blocking the host."""
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 class HealthCheck:
@@ -645,5 +638,5 @@ def train(config: RunConfig, out: str | Path, resume: str | None = "auto") -> di
     return Trainer(config, out).fit(resume)
 
 
-__all__ = ["Trainer", "TrainModule", "TrainingDiverged", "HealthCheck", "to_device", "train", "build_backbone", "load_init_weights",
+__all__ = ["Trainer", "TrainModule", "TrainingDiverged", "HealthCheck", "train", "build_backbone", "load_init_weights",
            "step_generators", "caption_layout"]
