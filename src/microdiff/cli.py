@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-PLANNED: dict[str, tuple[str, int]] = {}  # name -> (summary, issue) of commands announced but not built yet
+from .utils.errors import run_command
 
 EVAL_COMMANDS = {
     "fid": ("microdiff.eval.fid", "Fréchet distance (and KID, precision/recall, Vendi) of a folder of images "
@@ -75,24 +75,17 @@ TOP_COMMANDS = {
 }
 
 
-def _planned(name: str):
-    def run(args) -> int:
-        _, issue = PLANNED[name]
-        print(f"microdiff {name}: not available in this version yet (tracked in issue #{issue}).",
-              file=sys.stderr)
-        return 2
-
-    return run
-
-
-def _add_module_command(sub, name: str, module: str, summary: str, examples: list[str]) -> None:
+def _add_module_command(sub, name: str, module: str, summary: str, examples: list[str],
+                        parent: str | None = None) -> None:
     """A subcommand whose arguments and behaviour live in ``module`` (add_arguments / run)."""
     mod = importlib.import_module(module)
     p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
     mod.add_arguments(p)
-    p.set_defaults(func=mod.run)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error instead of one line (also: MICRODIFF_DEBUG=1)")
+    p.set_defaults(func=mod.run, command_name=name if parent is None else f"{parent} {name}")
 
 
 def _add_group(sub, name: str, summary: str, description: str, commands: dict) -> None:
@@ -103,7 +96,7 @@ def _add_group(sub, name: str, summary: str, description: str, commands: dict) -
     group_sub = group.add_subparsers(dest=f"{name}_command", metavar=f"{name.upper()}_COMMAND")
     group.set_defaults(func=lambda args: (group.print_help(), 0)[1])
     for command, spec in commands.items():
-        _add_module_command(group_sub, command, *spec)
+        _add_module_command(group_sub, command, *spec, parent=name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     from microdiff import __version__
 
     parser.add_argument("--version", action="version", version=f"microdiff {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of one line (also: MICRODIFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_module_command(sub, "demo", "microdiff.demo", "the embedded default: train a small text-to-image model "
@@ -131,10 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, spec in TOP_COMMANDS.items():
         _add_module_command(sub, name, *spec)
 
-    for name, (summary, issue) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{summary} (not yet available)",
-                           description=f"{summary}. Not available in this version yet (issue #{issue}).")
-        p.set_defaults(func=_planned(name))
     return parser
 
 
@@ -149,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    return run_command(getattr(args, "command_name", args.command), args.func, args)
 
 
 if __name__ == "__main__":

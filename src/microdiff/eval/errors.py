@@ -1,22 +1,12 @@
-"""How the ``microdiff eval`` commands end on bad input: one line on stderr, exit status 2."""
+"""How the ``microdiff eval`` commands end on bad input: one line on stderr, exit status 2 (see
+utils/errors.py; here a RuntimeError or TypeError from a feature model also counts as bad input, e.g.
+weights of the wrong shape)."""
 
 from __future__ import annotations
 
-import sys
+from ..utils.errors import USER_ERRORS as _BASE, first_line, report_error
 
-# what bad input (files, options, missing models) raises; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, ImportError, KeyError)
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (a KeyError's without its quotes), or its type name."""
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
-
-
-def report_error(command: str, message: str) -> int:
-    print(f"microdiff {command}: error: {message}", file=sys.stderr)
-    return 2
+USER_ERRORS = (*_BASE, RuntimeError, TypeError)
 
 
 def run_reporting(command: str, fn, args) -> int:
