@@ -21,9 +21,15 @@ from typing import Any, Union
 
 import yaml
 
+from ..utils.errors import UserError
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message is one line naming the key and the fix."""
+
+class ConfigError(UserError):
+    """A configuration mistake; the message is one line naming the key and the fix.
+
+    A section checks its own ranges in ``__post_init__`` by raising ``ConfigError("key: what is wrong
+    and the fix")``; :func:`build` prefixes the file and the section (``demo.yaml: train.batch_size: ...``).
+    """
 
 
 # ----------------------------------------------------------------------------- sections
@@ -330,7 +336,10 @@ def build(cls: type, data: Any, source: str, prefix: str = "") -> Any:
             choices = CHOICES.get(f"{prefix}{key}")
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(choices)}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a section's __post_init__ range check: "field: what is wrong and the fix"
+        raise ConfigError(f"{source}: {prefix}{err}") from None
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
