@@ -80,9 +80,9 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     path.write_text("train: {steps: 3}\n")
     proc = subprocess.run([sys.executable, "-m", "microdiff", "train", str(path), "--out", str(tmp_path / "r"),
                            "optim.lr=abc"], env=env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"microdiff train: {path}: optim.lr: expected float, got 'abc' (str)"]
+    assert lines == [f"microdiff train: error: {path}: optim.lr: expected float, got 'abc' (str)"]
     assert not (tmp_path / "r").exists()
 
 

@@ -20,7 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import ConfigError, load_config, shared_sections, stage_files
+from ..utils.errors import report_error
+from .checkpoint import checkpoint_config, list_checkpoints
+from .config import ConfigError, load_config, shared_sections, stage_files, to_dict
+from .run_folder import config_changes, refuse_unsafe
+from .trainer import TrainingDiverged, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,18 +33,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. optim.lr=3e-4 train.steps=2000 model.init_from=null")
     parser.add_argument("--out", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", default="auto",
-                        help="auto (default: continue from the run's latest checkpoint if any), never, or a "
-                             "checkpoint / run folder")
+                        help="auto (default: continue from the run's newest intact checkpoint if any), never (--out "
+                             "must be new or empty), or a checkpoint / run folder")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config changes keys that break an exact resume (lr, batch, "
+                             "model, data, seeds, ...); the change is recorded in RUN/config_history.jsonl")
 
 
-def _finished(out: Path, steps: int) -> bool:
-    from .checkpoint import list_checkpoints
-
+def _finished(out: Path, config, allow_config_change: bool) -> bool:
+    """The stage in ``out`` reached its steps with this config (a config change is refused here, as a resume
+    would refuse it, unless allowed)."""
     found = list_checkpoints(out)
-    return bool(found) and found[-1][0] >= steps and (out / "pipeline").is_dir()
+    if not found or not (out / "pipeline").is_dir():
+        return False
+    step, path = found[-1]
+    saved = checkpoint_config(path)
+    changes = config_changes(saved, json.loads(json.dumps(to_dict(config)))) if isinstance(saved, dict) else []
+    if not allow_config_change:
+        refuse_unsafe(changes, f"checkpoint {path}")
+    return step >= config.train.steps and not changes
 
 
-def run_stages(path: Path, stages: list[Path], overrides: list[str], out: Path, resume: str) -> list[dict]:
+def run_stages(path: Path, stages: list[Path], overrides: list[str], out: Path, resume: str,
+               allow_config_change: bool = False) -> list[dict]:
     summaries, previous = [], None
     shared = shared_sections(path)
     for k, stage in enumerate(stages, 1):
@@ -52,34 +67,27 @@ def run_stages(path: Path, stages: list[Path], overrides: list[str], out: Path, 
             config.model.init_from = str(previous)
         stage_out = out / stage.stem
         print(f"stage {k}/{len(stages)}: {stage.name} -> {stage_out}", flush=True)
-        if resume == "auto" and _finished(stage_out, config.train.steps):
+        if resume == "auto" and _finished(stage_out, config, allow_config_change):
             print(f"stage {k}/{len(stages)}: already finished, skipped", flush=True)
         else:
-            from .trainer import train
-
-            summaries.append(train(config, stage_out, resume))
+            summaries.append(train(config, stage_out, resume, allow_config_change))
         previous = stage_out
     return summaries
 
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.config)
+    stages = stage_files(path)
+    out = Path(args.out) if args.out else Path("runs") / path.stem
     try:
-        stages = stage_files(path)
-        out = Path(args.out) if args.out else Path("runs") / path.stem
         if stages is not None:
-            summaries = run_stages(path, stages, list(args.overrides), out, args.resume)
+            summaries = run_stages(path, stages, list(args.overrides), out, args.resume, args.allow_config_change)
             print(json.dumps(summaries, indent=2, default=str))
             return 0
         config = load_config(path, list(args.overrides))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"microdiff train: {err}") from None
-    from .trainer import TrainingDiverged, train
-
-    try:
-        summary = train(config, out, args.resume)
-    except (TrainingDiverged, ConfigError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"microdiff train: {err}") from None
+        summary = train(config, out, args.resume, args.allow_config_change)
+    except TrainingDiverged as err:
+        return report_error("train", str(err))
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; final loss {summary['final_loss']}; "
           f"pipeline: {summary['pipeline']}  (try: microdiff sample --checkpoint {summary['pipeline']} \"...\")")
     return 0

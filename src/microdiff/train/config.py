@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import yaml
 
+from ..diffusion.noise import NOISE_DISTRIBUTIONS, make_noise_distribution
+from ..diffusion.samplers import SAMPLERS
+from ..models import DIT_PRESETS, UNET_PRESETS
 from ..utils.errors import UserError
+from ..utils.registry import check_options, lookup
 
 
 class ConfigError(UserError):
@@ -30,6 +36,28 @@ class ConfigError(UserError):
     A section checks its own ranges in ``__post_init__`` by raising ``ConfigError("key: what is wrong
     and the fix")``; :func:`build` prefixes the file and the section (``demo.yaml: train.batch_size: ...``).
     """
+
+
+# ----------------------------------------------------------------------------- range checks
+def _require(ok: bool, message: str) -> None:
+    """A section's range check: ``message`` is "key: what is wrong; the fix" (build() adds file and section)."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _options_of(what: str, make: Callable[..., Any], name: str, options: dict) -> None:
+    """``make(name, **options)`` builds; a misspelt or out-of-range option becomes a one-line ConfigError."""
+    try:
+        make(name, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what}: {str(err).splitlines()[0]}") from None
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -43,6 +71,10 @@ class ModelConfig:
     init_ignore_keys: list = field(default_factory=list)  # fnmatch patterns of keys to leave as initialised
     init_ema: bool = True  # take init_from's EMA weights when it has them
 
+
+    def __post_init__(self):
+        _require(self.sigma_data > 0 and _finite(self.sigma_data), f"sigma_data: must be a positive number, got {self.sigma_data}")
+        _require(self.backbone in _presets(), f"backbone: {lookup_message(self.backbone, _presets(), 'preset')}")
 
 @dataclass
 class DataConfig:
@@ -73,6 +105,16 @@ class NoiseConfig:
     options: dict = field(default_factory=lambda: {"p_mean": -1.2, "p_std": 1.2})
 
 
+    def __post_init__(self):
+        if self.distribution not in NOISE_DISTRIBUTIONS:
+            return  # build() names the choices
+        cls = NOISE_DISTRIBUTIONS[self.distribution]
+        try:
+            check_options(cls, self.options, "options")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        _options_of(f"options (for {self.distribution})", make_noise_distribution, self.distribution, self.options)
+
 @dataclass
 class LossConfig:
     weighting: str = "natural"  # natural | edm | eps | v | min_snr | x0
@@ -80,6 +122,10 @@ class LossConfig:
     mask_ratio: float = 0.0  # MicroDiT patch masking during training
     caption_dropout: float = 0.1  # fraction of captions replaced by the unconditional one (for CFG)
 
+
+    def __post_init__(self):
+        _require(0 <= self.mask_ratio < 1, f"mask_ratio: must be in [0, 1), got {self.mask_ratio}")
+        _require(0 <= self.caption_dropout <= 1, f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")
 
 @dataclass
 class AmbientConfig:  # learning from corrupted data; see docs/ambient.md
@@ -101,6 +147,15 @@ class AmbientConfig:  # learning from corrupted data; see docs/ambient.md
     consistency_samples: int = 4  # noisy samples per micro-batch that get the consistency loss
 
 
+    def __post_init__(self):
+        _require(self.buffer >= 0 and _finite(self.buffer), f"buffer: must be >= 0, got {self.buffer}")
+        _require(0 <= self.delta < 1, f"delta: must be in [0, 1), got {self.delta}")
+        _require(self.mask_block >= 1, f"mask_block: must be at least 1, got {self.mask_block}")
+        _require(self.sampling_keep_prob is None or 0 < self.sampling_keep_prob <= 1,
+                 f"sampling_keep_prob: must be in (0, 1] or null, got {self.sampling_keep_prob}")
+        _require(self.sampling_masks >= 1, f"sampling_masks: must be at least 1, got {self.sampling_masks}")
+        # the consistency options are checked with the rest of the recipe (train/ambient.py check_consistency)
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -117,6 +172,20 @@ class OptimConfig:
     fused: Union[bool, None] = None  # fused AdamW kernel (null: on, except under FSDP)
 
 
+    def __post_init__(self):
+        _require(self.lr > 0 and _finite(self.lr), f"lr: must be a positive number, got {self.lr}")
+        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                 f"betas: must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}")
+        self.betas = [float(b) for b in self.betas]
+        _require(self.eps > 0, f"eps: must be > 0, got {self.eps}")
+        _require(self.expert_lr_scale >= 0, f"expert_lr_scale: must be >= 0, got {self.expert_lr_scale}")
+        _require(self.text_encoder_lr_scale >= 0, f"text_encoder_lr_scale: must be >= 0, got {self.text_encoder_lr_scale}")
+        _require(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.final_lr_ratio <= 1, f"final_lr_ratio: must be in [0, 1], got {self.final_lr_ratio}")
+        _require(self.grad_clip is None or (self.grad_clip > 0 and _finite(self.grad_clip)),
+                 f"grad_clip: must be a positive number or null (no clipping), got {self.grad_clip}")
+
 @dataclass
 class EMAConfig:
     decays: list = field(default_factory=lambda: [0.999])  # one EMA copy per decay
@@ -125,6 +194,16 @@ class EMAConfig:
     every: int = 1
     export: Union[float, None] = None  # the decay whose weights become the pipeline (default: the first)
 
+
+    def __post_init__(self):
+        _require(len(self.decays) > 0, "decays: list at least one EMA decay, e.g. [0.999]")
+        _require(all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < 1 for d in self.decays),
+                 f"decays: each decay must be a number in [0, 1), got {self.decays}")
+        _require(len(set(self.decays)) == len(self.decays), f"decays: {self.decays} lists a decay twice")
+        _require(self.start_step >= 0, f"start_step: must be >= 0, got {self.start_step}")
+        _require(self.every >= 1, f"every: must be at least 1, got {self.every}")
+        _require(self.export is None or self.export in self.decays,
+                 f"export: {self.export} is not one of decays {self.decays}; pick one of them or null (the first)")
 
 @dataclass
 class TrainConfig:
@@ -139,6 +218,16 @@ class TrainConfig:
     threads: Union[int, None] = None  # torch CPU threads (default: leave as is)
 
 
+    def __post_init__(self):
+        _require(self.steps >= 1, f"steps: must be at least 1, got {self.steps}")
+        _require(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
+        _require(self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.batch_size,
+                 f"micro_batch_size: must be between 1 and batch_size ({self.batch_size}) or null, "
+                 f"got {self.micro_batch_size}")
+        _require(self.threads is None or self.threads >= 1, f"threads: must be at least 1 or null, got {self.threads}")
+        _require(bool(DEVICE_RE.match(self.device)),
+                 f"device: {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
 @dataclass
 class LogConfig:
     every: int = 10  # metrics.jsonl + TensorBoard scalars
@@ -150,12 +239,25 @@ class LogConfig:
     sample_seed: int = 0
 
 
+    def __post_init__(self):
+        _require(self.every >= 1, f"every: must be at least 1 (metrics every N steps), got {self.every}")
+        _require(self.sample_every >= 0, f"sample_every: must be >= 0 (0: only at the end), got {self.sample_every}")
+        edges = self.sigma_buckets
+        _require(all(isinstance(e, (int, float)) and e > 0 for e in edges) and list(edges) == sorted(set(edges)),
+                 f"sigma_buckets: must be increasing positive numbers, got {edges}")
+        _require(all(isinstance(p, str) and p.strip() for p in self.sample_prompts),
+                 "sample_prompts: must be a list of non-empty prompts")
+
 @dataclass
 class CheckpointConfig:
     every: int = 500  # full training state
     keep_last: int = 2
     pipeline: bool = True  # also write the EMA weights as a pipeline folder
 
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"every: must be >= 0 (0: only at the end), got {self.every}")
+        _require(self.keep_last >= 1, f"keep_last: must be at least 1, got {self.keep_last}")
 
 @dataclass
 class SamplingConfig:  # the pipeline's defaults (and the grids logged during training)
@@ -167,6 +269,16 @@ class SamplingConfig:  # the pipeline's defaults (and the grids logged during tr
     rho: float = 7.0
     truncate_sigma: Union[float, None] = None  # stop there and return x0_hat (e.g. every sample noisy at it)
 
+
+    def __post_init__(self):
+        _require(self.sampler in SAMPLERS, f"sampler: {lookup_message(self.sampler, SAMPLERS, 'sampler')}")
+        _require(self.steps >= 1, f"steps: must be at least 1, got {self.steps}")
+        _require(_finite(self.guidance_scale), f"guidance_scale: must be a finite number, got {self.guidance_scale}")
+        _require(0 < self.sigma_min < self.sigma_max and _finite(self.sigma_max),
+                 f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        _require(self.rho > 0, f"rho: must be > 0, got {self.rho}")
+        _require(self.truncate_sigma is None or self.truncate_sigma > 0,
+                 f"truncate_sigma: must be > 0 or null, got {self.truncate_sigma}")
 
 @dataclass
 class DistributedConfig:
@@ -205,6 +317,19 @@ CHOICES = {
     "distributed.strategy": ("ddp", "fsdp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
+
+
+def _presets() -> list[str]:
+    return [*DIT_PRESETS, *UNET_PRESETS]
+
+
+def lookup_message(name: str, known, what: str) -> str:
+    """"unknown <what> 'x'; did you mean 'y'? choose one of ..." for a name that is not in ``known``."""
+    try:
+        lookup(dict.fromkeys(known), name, what)
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 # ----------------------------------------------------------------------------- reading

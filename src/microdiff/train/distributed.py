@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..utils.devices import resolve_device, resolve_dist
+from ..utils.errors import UserError
 
 # FSDP2 shards each of these blocks on its own, then the rest of the model as one unit
 _SHARD_UNITS = {"DiTBlock", "UNetBlock", "TextBlock"}
@@ -41,9 +42,17 @@ class DistInfo:
 
 def check_device(name: str) -> torch.device:
     """``train.device`` as a torch device (see utils.devices), refusing CUDA where there is none."""
-    device = resolve_device(name)
+    try:
+        device = resolve_device(name)
+    except RuntimeError:  # torch's own "Expected one of cpu, cuda, ..."
+        raise UserError(f"train.device={name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name}: CUDA is not available on this machine; use train.device=cpu")
+        raise UserError(f"train.device={name}: CUDA is not available on this machine; use train.device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"train.device={name}: Apple's MPS is not available on this machine; use train.device=cpu")
     return device
 
 

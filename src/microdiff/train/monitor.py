@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,48 @@ def _on_host(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
+def _parse_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """(line, row) for each readable line of a metrics file, and the numbers of the lines that are not JSON
+    objects (a torn last line is what a kill or a full disk leaves)."""
+    rows, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn.append(number)
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+        else:
+            torn.append(number)
+    return rows, torn
+
+
+def truncate_metrics(path: Path, last_step: int) -> list[int]:
+    """Keep the rows up to ``last_step`` (a resumed run rewrites the rest); drops unreadable lines and
+    returns their numbers, so the caller can say so."""
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    rows, torn = _parse_rows(path)
+    kept = [line for line, row in rows if row.get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return torn
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file; unreadable (torn) lines are left out."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [row for _, row in _parse_rows(path)[0]] if path.is_file() else []
 
 
 class Monitor:
-    def __init__(self, out: Path, config: LogConfig, is_main: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, out: Path, config: LogConfig, is_main: bool, total_steps: int, start_step: int = 0,
+                 state: dict[str, Any] | None = None):
+        """``state``: what :meth:`state_dict` returned when the checkpoint being resumed was written."""
         self.out, self.config, self.is_main = Path(out), config, is_main
         self.metrics_path = self.out / "metrics.jsonl"
         self.window: list[dict[str, Any]] = []
@@ -76,14 +105,24 @@ class Monitor:
         self.last: dict[str, Any] = {}
         self.writer = None
         self.bar = None
+        self.elapsed_before = 0.0  # training seconds of the run before this process resumed it
+        if state:
+            self.window = [dict(m) for m in state.get("window", [])]
+            self.elapsed_before = float(state.get("elapsed", 0.0))
         if not is_main:
             return
-        truncate_metrics(self.metrics_path, start_step)
+        # rows up to the resumed step stay, except a partial row over the restored window (a run that ended
+        # there wrote one): the resumed run writes that row again over the whole window
+        kept_until = self.window[0]["step"] - 1 if self.window else start_step
+        torn = truncate_metrics(self.metrics_path, kept_until)
+        if torn:
+            print(f"{self.metrics_path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
+                  "a run killed mid-write leaves a torn last line)", flush=True)
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+                self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=kept_until + 1)
             except ImportError:
                 self.note("TensorBoard logging is off: install tensorboard (pip install 'microdiff[train]')")
         if config.progress:
@@ -119,7 +158,7 @@ class Monitor:
         row: dict[str, Any] = {"step": step, "loss": sum(m["loss"] for m in window) / len(window),
                                "grad_norm": sum(m["grad_norm"] for m in window) / len(window),
                                "lr": window[-1]["lr"], "images_per_s": images / max(seconds, 1e-9),
-                               "seconds": now - self.started}
+                               "seconds": self.elapsed_before + now - self.started}
         extra = [m["consistency"] for m in window if "consistency" in m]  # ambient.consistency_weight > 0
         if extra:
             row["consistency"] = sum(extra) / len(extra)
@@ -154,6 +193,13 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_images("samples", images.clamp(0, 1), step)
         return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the monitor: the steps recorded since the last metrics row (a
+        checkpoint between two rows would otherwise lose them, and the resumed run's next row would
+        average fewer steps than the uninterrupted run's) and the seconds trained so far."""
+        return {"window": [{k: v for k, v in m.items()} for m in _on_host(self.window)],
+                "elapsed": self.elapsed_before + time.perf_counter() - self.started}
 
     def summary(self) -> dict[str, Any]:
         return {"final_loss": self.last.get("loss"), "metrics": str(self.metrics_path)}

@@ -29,17 +29,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from ..diffusion.denoiser import Denoiser, make_parameterization
 from ..diffusion.loss import denoising_loss, make_weighting
 from ..diffusion.noise import make_noise_distribution
-from .checkpoint import load_state, replace_dir, resolve_resume, save_checkpoint
+from ..utils.errors import UserError
+from .checkpoint import latest_checkpoint, load_state, replace_dir, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config, to_dict
 from .data import build_batches, split_batch, to_device
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, setup_distributed, teardown, wrap_model
 from .ema import EMA
 from .monitor import Monitor
+from .run_folder import CONFIG_FILE, HISTORY_FILE, RunLock, check_folder, check_writable, config_changes, \
+    record_history, refuse_unsafe
 from .optim import lr_factor, make_optimizer, parameter_groups, set_lr
 
 
@@ -340,6 +344,7 @@ class Trainer:
             self.data.stream.check_encoders(self.autoencoder.identifier, self.text_encoder.identifier)
         self.ambient, self.ambient_report = (self._build_ambient() if c.ambient.enabled else (None, None))
         self.step = 0
+        self.monitor: Monitor | None = None
 
     def _build_ambient(self):
         """The per-batch ambient step, and (sigma_first) batches chosen for each step's sigmas."""
@@ -396,8 +401,9 @@ class Trainer:
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             model, optimizer = self.module.state_dict(), self.optimizer.state_dict()
+        monitor = self.monitor.state_dict() if self.monitor is not None and self.dist.is_main else None
         return {"step": self.step, "model": model, "ema": ema, "optimizer": optimizer, "data": data_states,
-                "rng": rng_states, "world_size": self.dist.world_size,
+                "rng": rng_states, "world_size": self.dist.world_size, "monitor": monitor,
                 "config": json.loads(json.dumps(to_dict(self.config)))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -552,8 +558,6 @@ class Trainer:
             raise TrainingDiverged(self._divergence_message(value, what, step))
 
     def _divergence_message(self, value: float, what: str, step: int) -> str:
-        from .checkpoint import latest_checkpoint
-
         last = latest_checkpoint(self.out)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         return (f"step {step}: the {what} is {value}; training stopped before this step reached a checkpoint "
@@ -561,18 +565,96 @@ class Trainer:
                 "resume with --resume auto")
 
     # -- the loop
-    def fit(self, resume: str | None = "auto") -> dict[str, Any]:
+    def fit(self, resume: str | None = "auto", allow_config_change: bool = False) -> dict[str, Any]:
+        """Train to ``train.steps``. ``resume``: ``auto`` (continue from the newest intact checkpoint in the
+        run folder, if any), ``never`` (the folder must be new or empty) or a checkpoint / run folder.
+        ``allow_config_change``: continue although the config changes keys that break an exact resume."""
         c = self.config
         self._global_batch = c.train.batch_size
+        lock = self._claim_folder(resume)
+        try:
+            resumed_from, state = self._resume_state(resume)
+            self._check_config(resumed_from, state, allow_config_change)
+            if state is not None:
+                self.load_state_dict(state)
+            self._fit(resumed_from, state)
+        finally:
+            if lock is not None:
+                lock.release()
+            if self._owns_dist:
+                teardown(self.dist)
+        return self.summary
+
+    def _agree(self, error: str | None) -> None:
+        """Raise the same one-line UserError on every rank when any rank (in practice rank 0) found one."""
+        errors = [e for e in gather_objects(error, self.dist) if e]
+        if errors:
+            raise UserError(errors[0])
+
+    def _claim_folder(self, resume: str | None) -> RunLock | None:
+        """Rank 0 locks the run folder and checks that this start overwrites nothing (run_folder.py)."""
+        lock, error = None, None
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(c, self.out / "config.yaml")
-        barrier(self.dist)
-        resumed_from = resolve_resume(self.out, resume)
-        if resumed_from is not None:
-            self.load_state_dict(load_state(resumed_from))
+            try:
+                check_writable(self.out)
+                check_folder(self.out, resume)  # before the lock: a folder that is not ours gets no lock file
+                lock = RunLock(self.out).acquire()
+                check_folder(self.out, resume)  # and again under it: nothing changed in between
+                if lock.took_over:
+                    print(f"{self.out}: took over the lock of a run that is no longer running "
+                          f"(process {lock.took_over.get('pid')} on {lock.took_over.get('host')})", flush=True)
+            except UserError as err:
+                if lock is not None:
+                    lock.release()
+                lock, error = None, str(err)
+        self._agree(error)
+        return lock
+
+    def _resume_state(self, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to continue from (rank 0 picks the newest intact one) and its state (every rank)."""
+        path, error = None, None
+        if self.dist.is_main:
+            try:
+                path = resolve_resume(self.out, resume, note=lambda text: print(text, flush=True))
+            except (UserError, FileNotFoundError) as err:
+                error = str(err)
+        self._agree(error)
+        path = gather_objects(None if path is None else str(path), self.dist)[0]
+        if path is None:
+            return None, None
+        return Path(path), load_state(path, verify=False)  # resolve_resume checked its hashes
+
+    def _check_config(self, resumed_from: Path | None, state: dict[str, Any] | None, allowed: bool) -> None:
+        """Against the config the checkpoint was trained with (or the run folder's config.yaml when no
+        checkpoint was written yet): refuse changes that break an exact resume unless ``allowed``; record
+        any change in config_history.jsonl; write config.yaml only for a new run."""
+        error = None
+        if self.dist.is_main:
+            current = json.loads(json.dumps(to_dict(self.config)))
+            saved, against = None, None
+            if state is not None and state.get("config"):
+                saved, against = state["config"], f"checkpoint {resumed_from}"
+            elif (self.out / CONFIG_FILE).is_file():
+                saved, against = yaml.safe_load((self.out / CONFIG_FILE).read_text()), str(self.out / CONFIG_FILE)
+            try:
+                changes = config_changes(saved, current) if isinstance(saved, dict) else []
+                if not allowed:
+                    refuse_unsafe(changes, against)
+                if changes:
+                    record_history(self.out, int(state["step"]) if state else 0, changes, forced=allowed)
+                    print(f"config changes recorded in {self.out / HISTORY_FILE}: "
+                          + ", ".join(f"{ch['key']}={ch['new']!r}" for ch in changes[:6]), flush=True)
+                if not (self.out / CONFIG_FILE).is_file():
+                    save_config(self.config, self.out / CONFIG_FILE)
+            except UserError as err:
+                error = str(err)
+        self._agree(error)
+
+    def _fit(self, resumed_from: Path | None, state: dict[str, Any] | None) -> None:
+        c = self.config
         resumed_step = self.step
-        monitor = Monitor(self.out, c.log, self.dist.is_main, total_steps=c.train.steps, start_step=self.step)
+        monitor = self.monitor = Monitor(self.out, c.log, self.dist.is_main, total_steps=c.train.steps,
+                                         start_step=self.step, state=(state or {}).get("monitor"))
         if resumed_from is not None:
             monitor.note(f"resumed from {resumed_from} at step {self.step}")
         if self.ambient_report:
@@ -600,10 +682,8 @@ class Trainer:
                 self._sample_grid(monitor)
         finally:
             monitor.close()
-            if self._owns_dist:
-                teardown(self.dist)
-        return {"steps": self.step, "seconds": time.perf_counter() - start, "out": str(self.out),
-                "pipeline": str(self.out / "pipeline"), **monitor.summary()}
+        self.summary = {"steps": self.step, "seconds": time.perf_counter() - start, "out": str(self.out),
+                        "pipeline": str(self.out / "pipeline"), **monitor.summary()}
 
     def _sample_grid(self, monitor: Monitor) -> None:
         if not self.config.log.sample_prompts:
@@ -633,9 +713,10 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).norm() if norms else torch.tensor(0.0)
 
 
-def train(config: RunConfig, out: str | Path, resume: str | None = "auto") -> dict[str, Any]:
+def train(config: RunConfig, out: str | Path, resume: str | None = "auto",
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Run one training stage into ``out``; returns a summary (steps, seconds, final loss, paths)."""
-    return Trainer(config, out).fit(resume)
+    return Trainer(config, out).fit(resume, allow_config_change)
 
 
 __all__ = ["Trainer", "TrainModule", "TrainingDiverged", "HealthCheck", "train", "build_backbone", "load_init_weights",
