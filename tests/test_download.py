@@ -3,7 +3,9 @@
 The server serves Pillow-generated PNG/JPEG images of known sizes (RGB, RGBA, L, an EXIF-rotated
 JPEG, one smaller than the resolution), a 404, a 403, a truncated JPEG, a response slower than the
 timeout, an HTML page, a 503 that succeeds on the third request, a 503 that never does, a tiny image,
-two bodies over the size cap (with and without Content-Length) and an X-Robots-Tag: noai image. It
+two bodies over the size cap (with and without Content-Length), an X-Robots-Tag: noai image,
+responses that trickle their status line, headers or body one byte at a time for 20 s, a redirect
+loop, a redirect to file://, and a 12 KB PNG that declares (and really holds) 100 M pixels. It
 logs every request, so retries and resumes are checked by what was actually fetched. Expected sizes
 after resizing are computed here by hand (short side -> 32, long side rounded half up).
 """
@@ -12,13 +14,17 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
+import re
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 import urllib.parse
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,6 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from microdiff.cli import build_parser, main
 from microdiff.data.download import (DownloadError, ImageSettings, add_arguments, center_crop_box, download,
                                      process_image, read_status, resize_size, run, sample_key)
 
@@ -50,6 +57,32 @@ def _exif_rotated_jpeg():
     return _image_bytes((80, 40), fmt="JPEG", seed=5, exif=exif)
 
 
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb_png(width, height):
+    """A real 1-bit black PNG of width x height: ~12 KB for 10000 x 10000 (100 M pixels, which Pillow
+    decodes to 100 MB, 300 MB as RGB), written row by row so making it costs no memory."""
+    row, packer = b"\x00" + bytes((width + 7) // 8), zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def _with_declared_size(png, width, height):
+    """A valid small PNG whose IHDR now declares width x height (its CRC recomputed): lies about its size."""
+    ihdr = png[12:29]  # type + 13 data bytes, after the 8-byte signature and the 4-byte length
+    patched = ihdr[:4] + struct.pack(">II", width, height) + ihdr[12:]
+    return png[:12] + patched + struct.pack(">I", zlib.crc32(patched)) + png[33:]
+
+
+def _drip(prefix, dripped):
+    """A raw response: ``prefix`` at once, then ``dripped`` one byte every 0.5 s (20 s for 40 bytes)."""
+    return {"raw": (prefix, dripped)}
+
+
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 40\r\n"
 ROUTES = {  # path -> (status, content type, body, options)
     "/a.png": (200, "image/png", _image_bytes((64, 48), seed=1), {}),
     "/b.jpg": (200, "image/jpeg", _image_bytes((40, 100), fmt="JPEG", seed=2, quality=90), {}),
@@ -69,6 +102,12 @@ ROUTES = {  # path -> (status, content type, body, options)
     "/huge.png": (200, "image/png", os.urandom(100_000), {}),
     "/huge-stream.png": (200, "image/png", os.urandom(100_000), {"no_length": True}),
     "/noai.png": (200, "image/png", _image_bytes((40, 40), seed=12), {"headers": {"X-Robots-Tag": "noai, noimageai"}}),
+    "/drip-status": (200, "", b"", _drip(b"", _HEAD + b"\r\n" + bytes(40))),  # not even a status line in time
+    "/drip-headers": (200, "", b"", _drip(b"HTTP/1.1 200 OK\r\n", b"".join(b"X-Wait-%d: 1\r\n" % i for i in range(4)))),
+    "/drip-body": (200, "", b"", _drip(_HEAD + b"\r\n", bytes(40))),
+    "/loop": (302, "text/plain", b"", {"headers": {"Location": "/loop"}}),
+    "/to-file": (302, "text/plain", b"", {"headers": {"Location": "file:///etc/passwd"}}),
+    "/bomb.png": (200, "image/png", _bomb_png(10_000, 10_000), {}),
 }
 
 
@@ -81,6 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
             server.counts[path] += 1
             n = server.counts[path]
         status, ctype, body, opt = ROUTES.get(path, (404, "text/plain", b"not found", {}))
+        if "raw" in opt:
+            return self._drip(*opt["raw"])
         time.sleep(opt.get("delay", 0) + (opt.get("delay_first", 0) if n == 1 else 0))
         if n <= opt.get("fail_first", 0):
             status, ctype, body = 503, "text/plain", b"try again"
@@ -95,6 +136,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): expected
             pass
+
+    def _drip(self, prefix, dripped):
+        try:
+            self.wfile.write(prefix)
+            for i in range(len(dripped)):
+                time.sleep(0.5)
+                self.wfile.write(dripped[i:i + 1])
+        except OSError:  # the client hung up, as it should at its deadline
+            pass
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -179,6 +230,22 @@ def test_process_image_reports_reasons():
     # centre crop of the resized image equals Pillow's own resize then crop, pixel for pixel (lossless png)
     reference = Image.open(io.BytesIO(ROUTES["/a.png"][2])).resize((43, 32), Image.Resampling.LANCZOS, reducing_gap=3.0)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(reference)[:, 5:37])
+
+
+def test_process_image_refuses_too_many_pixels_from_the_header():
+    # a 40 x 30 PNG whose header claims 30000 x 30000 (900 M pixels, over Pillow's own bomb limit too) and
+    # one that claims 8000 x 6000 (48 M, under Pillow's limit): both refused by their declared size, before
+    # any decoding, with their own reason (not "corrupt image", not the bytes cap's "too large")
+    small = _image_bytes((40, 30), seed=13)
+    for (width, height), said in [((30_000, 30_000), "900000000 pixels"), ((8_000, 6_000), "8000x6000")]:
+        with pytest.raises(DownloadError) as e:
+            process_image(_with_declared_size(small, width, height), ImageSettings(resolution=RES, min_size=16))
+        assert e.value.reason == "too many pixels", (width, height)
+        assert said in e.value.detail and "--max-megapixels" in e.value.detail
+    # the cap is a setting: 1200 pixels passes 40 x 30 exactly, 1199 does not
+    assert process_image(small, ImageSettings(resolution=RES, min_size=16, max_pixels=1200))[1]["width"] == 43
+    with pytest.raises(DownloadError, match="1200 pixels > max 1199"):
+        process_image(small, ImageSettings(resolution=RES, min_size=16, max_pixels=1199))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -288,11 +355,15 @@ def test_keys_and_bytes_do_not_depend_on_workers(server, tmp_path):
     manifest = _write_jsonl(tmp_path / "m.jsonl", [{"url": server.url(p), "caption": p} for p in paths])
     for workers in (1, 3):
         download(manifest, tmp_path / f"w{workers}", workers=workers, shard_size=2, image_format="webp", **FAST)
-    names = sorted(p.name for p in (tmp_path / "w1").iterdir() if p.name != "report.json")
-    assert names == ["00000.jsonl", "00000.tar", "00001.jsonl", "00001.tar", "00002.jsonl", "00002.tar",
-                     "download.json", "failures.csv"]
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir() if p.name not in ("report.json", "download.json"))
+    assert names == [".download.lock", "00000.jsonl", "00000.tar", "00001.jsonl", "00001.tar", "00002.jsonl",
+                     "00002.tar", "failures.csv"]
     for name in names:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w3" / name).read_bytes(), name
+    settings = [json.loads((tmp_path / w / "download.json").read_text()) for w in ("w1", "w3")]
+    assert [s["runs"][0]["workers"] for s in settings] == [1, 3]  # the runs differ, the dataset does not
+    dataset = [{k: v for k, v in s.items() if k != "runs"} for s in settings]
+    assert dataset[0] == dataset[1] and dataset[0]["resolution"] == RES
     samples, _ = _tar_samples(tmp_path / "w1")
     assert sorted(samples) == ["000000000", "000000002", "000000003"] and "webp" in samples["000000002"]
 
@@ -354,6 +425,82 @@ def test_killed_run_restarts_the_unfinished_shard_only(server, tmp_path):
     assert report.shards_resumed == 1 and report.success == 4 and not list(out.glob("*.partial"))
 
 
+# ----------------------------------------------------------------------------- limits
+def test_timeout_caps_the_whole_attempt_whatever_the_server_does(server, tmp_path):
+    # three servers keep one attempt alive for 20 s or more by sending a byte every 0.5 s: of the status
+    # line, of the headers, of the body. Each recv returns well inside --timeout 1, so only a cap on the
+    # whole attempt ends them; before it, the header drips held an attempt for 20 s.
+    paths = ["/drip-status", "/drip-headers", "/drip-body", "/a.png"]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"url": server.url(p), "caption": p} for p in paths])
+    build_parser()  # the first call imports every command's module: not part of what is timed
+    t0 = time.monotonic()
+    code = main(["data", "download", str(manifest), "--out", str(tmp_path / "out"), "--timeout", "1",
+                 "--retries", "0", "--workers", "4", "--resolution", "32", "--min-size", "16", "--no-progress"])
+    elapsed = time.monotonic() - t0
+    assert code == 0
+    # measured on an idle 2-core machine: 1.0-1.1 s (the three attempts run in parallel); 8 s leaves room
+    # for a loaded machine and is still far below the 20 s a per-recv timeout allows
+    assert elapsed < 8, elapsed
+    status = read_status(tmp_path / "out" / "00000.jsonl")
+    assert [(r["reason"], r["attempts"]) for r in status] == [("timeout", 1)] * 3 + [("", 1)]
+    assert all("1 s" in r["detail"] for r in status[:3]), [r["detail"] for r in status]
+    assert [server.counts[p] for p in paths] == [1, 1, 1, 1]
+
+
+def test_retried_timeouts_each_get_one_timeout(server, tmp_path):
+    # with retries, every attempt is capped: 1 + 2 attempts of 0.8 s plus the backoff, not 3 x 24 s
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"url": server.url("/drip-headers"), "caption": "x"}])
+    t0 = time.monotonic()
+    report = download(manifest, tmp_path / "out", **(FAST | {"timeout": 0.8, "retries": 2}))
+    assert time.monotonic() - t0 < 10  # measured: 2.5 s
+    assert report.failed_by_reason == {"timeout": 1} and server.counts["/drip-headers"] == 3
+
+
+def test_redirect_loops_and_redirects_to_other_schemes_are_refused(server, tmp_path):
+    rows = [{"url": server.url(p), "caption": p} for p in ["/loop", "/to-file", "/moved-d.png"]]
+    report = download(_write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "out", **FAST)
+    status = read_status(tmp_path / "out" / "00000.jsonl")
+    assert [r["status"] for r in status] == ["failed", "failed", "success"] and report.success == 1
+    assert status[0]["reason"] == "http 302" and "infinite loop" in status[0]["detail"]
+    assert status[1]["reason"] == "http 302" and "file:///etc/passwd" in status[1]["detail"]
+    assert server.counts["/loop"] <= 11  # urllib's cap on a redirect chain
+
+
+def test_decompression_bomb_is_refused_before_decoding(server, tmp_path):
+    # a 12 KB PNG of 10000 x 10000 pixels (100 M: decoding it takes ~500 MB) next to an ordinary image,
+    # through the CLI in a fresh process whose peak memory we read: refused by its header, counted under
+    # its own reason in the status file and the report, the run goes on, and memory stays flat
+    rows = [{"url": server.url(p), "caption": p} for p in ["/bomb.png", "/a.png"]]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out"
+    # (the command's own parser and run(), as `microdiff data download` wires them, without importing the
+    # other commands: this process starts in ~2 s)
+    code = ("import argparse, json, resource, sys; from microdiff.data.download import add_arguments, run; "
+            "parser = argparse.ArgumentParser(); add_arguments(parser); args = parser.parse_args(sys.argv[1:]); "
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; before = peak(); "
+            "rc = run(args); print(json.dumps({'rc': rc, 'grew_mb': (peak() - before) / 1024}))")
+    args = [str(manifest), "--out", str(out), "--resolution", "32", "--min-size", "16", "--workers", "2",
+            "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 0
+    # measured: grows ~1 MB after the fix, ~460-480 MB before (the bomb decoded, converted to RGB, resized)
+    assert result["grew_mb"] < 150, result
+    status = read_status(out / "00000.jsonl")
+    assert status[0]["reason"] == "too many pixels" and "10000x10000" in status[0]["detail"]
+    assert status[0]["status"] == "failed" and status[1]["status"] == "success"
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed_by_reason"] == {"too many pixels": 1} and report["success"] == 1
+    assert "too many pixels" in proc.stdout  # the summary table
+    # the flag moves the cap: at 0.001 megapixels (1000 pixels) the 64 x 48 image is refused as well
+    code = main(["data", "download", str(manifest), "--out", str(tmp_path / "tight"), "--resolution", "32",
+                 "--min-size", "16", "--max-megapixels", "0.001", "--no-progress"])
+    assert code == 0
+    assert [r["reason"] for r in read_status(tmp_path / "tight" / "00000.jsonl")] == ["too many pixels"] * 2
+
+
 # ----------------------------------------------------------------------------- sources
 def test_jsonl_csv_parquet_and_hf_dataset_give_identical_shards(server, tmp_path):
     import datasets
@@ -382,6 +529,17 @@ def test_jsonl_csv_parquet_and_hf_dataset_give_identical_shards(server, tmp_path
     assert meta["caption"] == "two, with a comma" and meta["source"] == "y" and "URL" not in meta
 
 
+def test_manifests_with_a_byte_order_mark_read_like_any_other(server, tmp_path):
+    # Excel's "CSV UTF-8" and some editors start the file with a BOM; it is no part of the first column
+    url = server.url("/a.png")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfurl,caption\n" + url.encode() + b",caf\xc3\xa9\n")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"url": url, "caption": "caf\u00e9"}).encode() + b"\n")
+    for name in ["bom.csv", "bom.jsonl"]:
+        report = download(tmp_path / name, tmp_path / f"out-{name}", **FAST)
+        assert report.success == 1, (name, report.failed_by_reason)
+        assert _tar_samples(tmp_path / f"out-{name}")[0]["000000000"]["txt"].decode() == "caf\u00e9"
+
+
 def test_missing_url_column_lists_the_columns(tmp_path):
     manifest = _write_jsonl(tmp_path / "m.jsonl", [{"link": "http://x/a.png", "caption": "a"}])
     with pytest.raises(ValueError, match=r"m\.jsonl: found no URL column.*columns are: link, caption.*--url-column"):
@@ -406,6 +564,123 @@ def test_missing_manifest_and_bad_settings_say_what_to_do(server, tmp_path):
         download(manifest, tmp_path / "out", **(FAST | {"resolution": 64}))
 
 
+# ----------------------------------------------------------------------------- user errors
+def _cli_error(capsys, args):
+    """Run `microdiff data download ARGS`; return its one stderr line (after checking exit 2, one line)."""
+    code = main(["data", "download", *map(str, args), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    assert lines[0].startswith("microdiff data download: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--workers", "0"], "--workers"), (["--workers", "-3"], "--workers"),
+    (["--timeout", "0"], "--timeout"), (["--timeout", "-1"], "--timeout"), (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"), (["--resolution", "-4"], "--resolution"),
+    (["--retries", "-1"], "--retries"), (["--max-mb", "0"], "--max-mb"), (["--max-mb", "nan"], "--max-mb"),
+    (["--max-megapixels", "0"], "--max-megapixels"), (["--min-size", "-1"], "--min-size"),
+    (["--quality", "0"], "--quality"), (["--quality", "101"], "--quality"), (["--shard-size", "0"], "--shard-size"),
+    (["--limit", "-1"], "--limit"), (["--crop", "--resolution", "0"], "--crop"),
+])
+def test_bad_settings_end_in_one_line_naming_the_flag(server, tmp_path, capsys, flags, named):
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"url": server.url("/a.png"), "caption": "a"}])
+    line = _cli_error(capsys, [manifest, "--out", tmp_path / "out", *flags])
+    assert named in line, line
+    assert server.counts["/a.png"] == 0 and not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_bad_sources_end_in_one_line_naming_the_file(tmp_path, capsys):
+    out = ["--out", tmp_path / "out"]
+    assert "nope.jsonl: no such manifest" in _cli_error(capsys, [tmp_path / "nope.jsonl", *out])
+    nourl = _write_jsonl(tmp_path / "nourl.jsonl", [{"link": "http://x/a.png", "caption": "a"}])
+    line = _cli_error(capsys, [nourl, *out])
+    assert "nourl.jsonl" in line and "link, caption" in line and "--url-column" in line
+    (tmp_path / "empty.csv").write_text("url,caption\n")
+    assert "empty.csv: no rows" in _cli_error(capsys, [tmp_path / "empty.csv", *out])
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    assert "blank.jsonl: no rows" in _cli_error(capsys, [tmp_path / "blank.jsonl", *out])
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00\x01 binary\n")
+    line = _cli_error(capsys, [tmp_path / "binary.jsonl", *out])
+    assert "binary.jsonl: no line is a JSON object" in line and "line 1: not UTF-8" in line
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    assert "bad.parquet: not a readable Parquet file" in _cli_error(capsys, [tmp_path / "bad.parquet", *out])
+    (tmp_path / "latin1.csv").write_bytes("url,caption\nhttp://x/a.png,caf\u00e9\n".encode("latin-1"))
+    line = _cli_error(capsys, [tmp_path / "latin1.csv", *out])
+    assert "latin1.csv" in line and "UTF-8" in line and "line 2" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_out_folders_end_in_one_line(server, tmp_path, capsys):
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"url": server.url("/a.png"), "caption": "a"}])
+    (tmp_path / "afile").write_text("mine")
+    line = _cli_error(capsys, [manifest, "--out", tmp_path / "afile"])
+    assert "afile" in line and "not a folder" in line and (tmp_path / "afile").read_text() == "mine"
+    line = _cli_error(capsys, [manifest, "--out", tmp_path / "afile" / "sub"])
+    assert "afile/sub" in line and "--out" in line
+    # a folder with someone else's files (images, a precompute's shards) is never written into
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "00000.tar").write_bytes(b"my shard")
+    line = _cli_error(capsys, [manifest, "--out", tmp_path / "images"])
+    assert "images" in line and "not empty" in line and "download.json" in line
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["00000.tar"]
+    assert (tmp_path / "images" / "00000.tar").read_bytes() == b"my shard" and server.counts["/a.png"] == 0
+
+
+def test_out_holding_another_download_is_refused_and_the_same_one_resumed(server, tmp_path, capsys):
+    rows = [{"url": server.url(f"/a.png?i={i}"), "caption": f"c{i}"} for i in range(4)]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out"
+    base = [manifest, "--out", out, "--resolution", "32", "--min-size", "16", "--shard-size", "2", "--no-progress"]
+    assert main(["data", "download", *map(str, base)]) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("0000*")}
+    server.log.clear()
+    capsys.readouterr()
+    # other settings: refused, naming what changed
+    line = _cli_error(capsys, [*base, "--resolution", "64"])
+    assert "resolution: 32 -> 64" in line and "--out" in line
+    other = _write_jsonl(tmp_path / "other.jsonl", rows)
+    assert "source:" in _cli_error(capsys, [other, *base[1:]])
+    # the same manifest file, edited since (row 1 now points elsewhere): refused, nothing fetched
+    edited = [dict(r) for r in rows]
+    edited[1]["url"] = server.url("/b.jpg")
+    _write_jsonl(manifest, edited)
+    line = _cli_error(capsys, base)
+    assert "00000" in line and "row 1" in line and "changed" in line and "new --out" in line
+    assert server.log == [] and {p.name: p.read_bytes() for p in out.glob("0000*")} == before
+    # the same manifest and settings: resumed, nothing fetched again; rows appended later are fetched
+    _write_jsonl(manifest, rows + [{"url": server.url("/a.png?i=4"), "caption": "c4"}])
+    assert main(["data", "download", *map(str, base)]) == 0
+    assert server.log == ["/a.png?i=4"]
+    assert json.loads((out / "report.json").read_text())["success"] == 5
+    assert [run["rows_fetched"] for run in json.loads((out / "download.json").read_text())["runs"]] == [4, 1]
+
+
+def test_a_second_download_into_a_folder_in_use_is_refused(server, tmp_path, capsys):
+    # one run hangs on a slow row while holding the folder; a second one into it is refused in one line
+    # (the row's server sends one byte every 0.5 s for 54 s: the first run holds the folder that long)
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"url": server.url("/drip-status"), "caption": "slow"}])
+    out = tmp_path / "out"
+    code = (f"from microdiff.data.download import download; download({str(manifest)!r}, {str(out)!r}, "
+            "timeout=120, retries=0, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while server.counts["/drip-status"] == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert server.counts["/drip-status"] == 1, proc.stderr.read() if proc.poll() is not None else "no request"
+        line = _cli_error(capsys, [manifest, "--out", out])
+        assert str(out) in line and "another download" in line
+    finally:
+        proc.kill()
+        proc.wait()
+    # the first run died (kill -9): its lock went with it, and a rerun proceeds
+    assert main(["data", "download", str(manifest), "--out", str(out), "--timeout", "0.5", "--retries", "0",
+                 "--no-progress"]) == 0
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_download_prints_the_summary_table(server, tmp_path, capsys):
     # add_arguments / run as `microdiff data download` wires them (the parser here is the subcommand's own)
@@ -419,7 +694,12 @@ def test_cli_download_prints_the_summary_table(server, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "3 rows in 2 shards" in captured.out and "http 404" in captured.out and "failures.csv" in captured.out
-    assert "img" in captured.err  # the tqdm bar (rate unit) went to stderr
+    # the bar (on stderr) ends at 3/3 with elapsed<remaining, the rate, and the running ok/failed counts
+    assert re.search(r"3/3 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+img/s, failed=1, ok=2\]", captured.err), captured.err
+    # the totals by status and reason: printed, and kept in the output folder
+    assert re.search(r"success +2 +66\.7", captured.out) and re.search(r"http 404 +1 +33\.3", captured.out)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["success"] == 2 and report["failed_by_reason"] == {"http 404": 1} and report["rows"] == 3
     samples, _ = _tar_samples(tmp_path / "out")
     assert Image.open(io.BytesIO(samples["000000000"]["png"])).size == (43, 32)
     assert samples["000000000"]["txt"] == b"/a.png"

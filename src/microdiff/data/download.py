@@ -1,11 +1,12 @@
 """``microdiff data download``: fetch the images of a URL manifest into webdataset shards.
 
-A lean, standard-library stand-in for img2dataset: a thread pool of HTTP fetches with a timeout,
-retries with exponential backoff for transient errors (timeouts, 5xx, 408/429, connection resets;
-never for other 4xx), a size cap, content checks (Pillow ``verify()`` plus a full decode, a minimum
-short side), an on-the-fly resize (short side to ``resolution``, aspect kept, optional centre crop)
-and a re-encode (jpg / png / webp). Sources: a manifest (``.jsonl`` / ``.csv`` / ``.tsv`` /
-``.parquet``) or a Hugging Face dataset (hub name, ``save_to_disk`` folder or a folder of data files).
+A lean, standard-library stand-in for img2dataset: a thread pool of HTTP fetches (``data/fetch.py``:
+a timeout that caps each whole attempt, retries with exponential backoff for transient errors, a size
+cap), content checks (a pixel cap read from the header before anything is decoded, Pillow
+``verify()`` plus a full decode, a minimum short side), an on-the-fly resize (short side to
+``resolution``, aspect kept, optional centre crop) and a re-encode (jpg / png / webp). Sources
+(``data/url_sources.py``): a manifest (``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet``) or a Hugging
+Face dataset (hub name, ``save_to_disk`` folder or a folder of data files).
 
 Layout of ``out_dir`` (row ``r`` of the source always lands in shard ``r // shard_size`` with key
 ``f"{r:09d}"``, whatever the number of workers or the order in which downloads finish)::
@@ -15,15 +16,21 @@ Layout of ``out_dir`` (row ``r`` of the source always lands in shard ``r // shar
                      original_format, and every other source column; a column whose name clashes
                      with one of these is kept as "manifest_<name>")
     00000.jsonl      one status row per source row (success or failure + reason), or .parquet
-    download.json    the settings; a rerun with different ones is refused
+    download.json    the settings that make the dataset (a rerun with other ones is refused) and
+                     "runs": one entry per run with its fetch settings, start and end time, counts
     report.json      counts by status/reason over all shards; failures.csv: row, key, url, reason, detail
+    .download.lock   locked while a run writes (a second run into the folder is refused)
 
 Resume: a shard is complete once its status file exists (it is renamed into place after the tar,
 both from ``.partial`` files); a rerun skips complete shards and redoes any other one from scratch.
+A rerun must read the same rows: the URL and caption of every row of a complete shard are checked
+against the source first, so an edited manifest is refused instead of mixed in (rows appended at the
+end are fine). ``--out`` must be new, empty or a folder of this same download.
 
 Failure reasons: "no url", "bad url", "http <code>", "timeout", "connection error", "dns error",
-"ssl error", "network error", "bad response", "too large", "opted out" (X-Robots-Tag noai, ...),
-"not an image", "corrupt image", "too small", "bad row" (unparsable manifest line), "error".
+"ssl error", "network error", "bad response", "too large" (over the bytes cap), "opted out"
+(X-Robots-Tag noai, ...), "not an image", "corrupt image", "too small", "too many pixels" (over the
+pixel cap, e.g. a decompression bomb), "bad row" (unparsable manifest line), "error".
 
     download("urls.jsonl", "data/web", resolution=256, workers=16) -> DownloadReport
     microdiff data download urls.parquet --out data/web --resolution 256 --workers 16
@@ -34,41 +41,42 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
-import http.client
 import io
 import json
+import math
 import os
-import re
-import socket
-import ssl
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..utils.errors import UserError
+from .fetch import OPT_OUT_DIRECTIVES, USER_AGENT, DownloadError, FetchSettings, fetch
+from .shards import write_json_atomic
 from .transforms import to_rgb  # one rule for every Pillow mode, shared with the training transform
+from .url_sources import (CAPTION_COLUMNS, ERROR_KEY, URL_COLUMNS, Source, open_source, resolve_columns,
+                          row_fields)
 
-URL_COLUMNS = ("url", "URL", "image_url")
-CAPTION_COLUMNS = ("caption", "text", "TEXT")
-MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
+try:
+    import fcntl  # POSIX: the folder lock; elsewhere runs are not locked
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 STATUS_FORMATS = ("jsonl", "parquet")
-OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # as img2dataset honours them
 KEY_DIGITS = 9
 SUCCESS = "success"
-USER_AGENT = "microdiff-download/0.1 (image-text dataset downloader)"
-MAX_BACKOFF_S = 30.0
-CHUNK = 1 << 16
+MAX_PIXELS = 40_000_000  # ~120 MB decoded as RGB; Pillow itself only warns up to 89 M and refuses past 179 M
+SETTINGS_NAME, REPORT_NAME, FAILURES_NAME, LOCK_NAME = "download.json", "report.json", "failures.csv", ".download.lock"
 STATUS_FIELDS = ("row", "key", "url", "caption", "status", "reason", "detail", "attempts", "bytes",
                  "original_width", "original_height", "width", "height", "sha256")
 RESERVED = ("url", "caption", "row", "key", "status", "original_width", "original_height", "width",
@@ -80,30 +88,28 @@ RESUME_SETTINGS = ("source", "url_column", "caption_column", "shard_size", "reso
 
 # ----------------------------------------------------------------------------- settings and results
 @dataclass(frozen=True)
-class FetchSettings:
-    timeout: float = 10.0  # seconds: socket connect/read timeout and the cap on one whole attempt
-    retries: int = 2  # extra attempts after a transient failure
-    backoff: float = 0.5  # seconds before the first retry, doubled for each further one
-    max_bytes: int = 20 * 2**20
-    user_agent: str = USER_AGENT
-    opt_out_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
-
-
-@dataclass(frozen=True)
 class ImageSettings:
     resolution: int | None = 256  # short side after resizing; None keeps the original size
     crop: bool = False  # centre crop to resolution x resolution after the resize
     min_size: int = 32  # images whose short side is smaller are rejected ("too small")
     image_format: str = "jpg"
     quality: int = 95  # jpg / webp
+    max_pixels: int = MAX_PIXELS  # images whose header declares more are refused unread ("too many pixels")
 
-
-class DownloadError(Exception):
-    """One failed sample: ``reason`` is the category counted in the report, ``detail`` the message."""
-
-    def __init__(self, reason: str, detail: str = "", transient: bool = False):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail, self.transient = reason, detail, transient
+    def __post_init__(self):
+        if self.image_format not in IMAGE_FORMATS:
+            raise UserError(f"image_format {self.image_format!r} (--format): choose one of {', '.join(IMAGE_FORMATS)}")
+        if self.resolution is not None and not (isinstance(self.resolution, int) and self.resolution >= 1):
+            raise UserError(f"resolution (--resolution): must be >= 1, or None (--resolution 0) to keep the "
+                            f"original size; got {self.resolution}")
+        if self.crop and not self.resolution:
+            raise UserError("crop (--crop) needs a resolution to crop to: give --resolution N with --crop")
+        if not (isinstance(self.min_size, int) and self.min_size >= 0):
+            raise UserError(f"min_size (--min-size): must be >= 0 pixels, got {self.min_size}")
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise UserError(f"quality (--quality): must be 1 to 100, got {self.quality}")
+        if not (isinstance(self.max_pixels, int) and self.max_pixels >= 1):
+            raise UserError(f"max_pixels (--max-megapixels): must be >= 1 pixel, got {self.max_pixels}")
 
 
 @dataclass
@@ -157,240 +163,13 @@ class DownloadReport:
         for name, count in [(SUCCESS, self.success), *sorted(self.failed_by_reason.items(), key=lambda kv: -kv[1])]:
             lines.append(f"  {name:24s} {count:9d} {100 * count / total:6.1f}")
         lines.append(f"  {'total':24s} {self.rows:9d}")
-        lines.append(f"  report: {Path(self.out_dir) / 'report.json'}  failures: {Path(self.out_dir) / 'failures.csv'}")
+        lines.append(f"  report: {Path(self.out_dir) / REPORT_NAME}  failures: {Path(self.out_dir) / FAILURES_NAME}")
         return "\n".join(lines)
 
 
 def sample_key(row: int) -> str:
     """The key of source row ``row``: zero-padded, so keys sort like rows and contain no dot."""
     return f"{row:0{KEY_DIGITS}d}"
-
-
-# ----------------------------------------------------------------------------- sources
-@dataclass
-class Source:
-    """Rows of a manifest or dataset: ``columns``, ``num_rows`` (None if unknown), ``rows()``."""
-
-    name: str
-    columns: list[str]
-    num_rows: int | None
-    rows: Any  # () -> Iterator[dict]; a row that cannot be parsed is {"__error__": message}
-
-
-def open_source(source: str | os.PathLike, split: str = "train") -> Source:
-    """A manifest file (by suffix), a local Hugging Face dataset folder or a hub dataset name."""
-    text = str(source)
-    if text.startswith("hf:"):
-        return _hf_source(text[3:].lstrip("/"), split)
-    path = Path(text)
-    if path.is_file():
-        return _manifest_source(path)
-    if path.is_dir():
-        return _hf_source(text, split)
-    if path.suffix.lower() in MANIFEST_SUFFIXES + (".json", ".txt") or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        raise FileNotFoundError(f"{text}: no such manifest file or dataset folder (give a .jsonl/.csv/.tsv/"
-                                ".parquet manifest, a Hugging Face dataset folder, or a hub name like owner/name)")
-    return _hf_source(text, split)
-
-
-def _manifest_source(path: Path) -> Source:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        first = _first_jsonl_row(path)
-        count = sum(1 for line in path.open("rb") if line.strip())
-        return Source(str(path), list(first) if first else [], count, lambda: _iter_jsonl(path))
-    if suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, [])
-            count = sum(1 for _ in reader)
-        return Source(str(path), header, count, lambda: _iter_csv(path, delimiter))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq  # lazily: the [data] extra
-
-        meta = pq.ParquetFile(path)
-        return Source(str(path), list(meta.schema_arrow.names), meta.metadata.num_rows, lambda: _iter_parquet(path))
-    raise ValueError(f"{path}: unknown manifest type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
-
-
-def _first_jsonl_row(path: Path) -> dict[str, Any] | None:
-    for row in _iter_jsonl(path):
-        if "__error__" not in row:
-            return row
-    return None
-
-
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                row = {"__error__": f"{path.name} line {number}: {e}"}
-            yield row if isinstance(row, dict) else {"__error__": f"{path.name} line {number}: not a JSON object"}
-
-
-def _iter_csv(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        yield from csv.DictReader(f, delimiter=delimiter)
-
-
-def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-        yield from batch.to_pylist()
-
-
-def _hf_source(name: str, split: str) -> Source:
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("reading a Hugging Face dataset needs `datasets`: pip install 'microdiff[data]'") from e
-    path = Path(name)
-    try:
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"{name}: no split {split!r}; it has {', '.join(ds)} (use --split)")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, split=split)
-    except (ValueError, ImportError):
-        raise
-    except Exception as e:  # the hub / builder errors are many; say what we tried
-        raise FileNotFoundError(f"{name}: not a manifest file, and loading it as a Hugging Face dataset "
-                                f"(split {split!r}) failed: {type(e).__name__}: {e}") from e
-    return Source(name, list(ds.column_names), len(ds), lambda: iter(ds))
-
-
-def resolve_columns(columns: Sequence[str], url_column: str | None = None, caption_column: str | None = None,
-                    source: str = "source") -> tuple[str, str | None]:
-    """The URL and caption columns: the given names (which must exist) or the first default present.
-
-    ``caption_column="none"`` downloads without captions (empty ``.txt``)."""
-    available = ", ".join(columns) or "(none)"
-    if url_column is not None:
-        if url_column not in columns:
-            raise ValueError(f"{source}: no URL column {url_column!r}; its columns are: {available} "
-                             "(pick one with --url-column)")
-    else:
-        url_column = next((c for c in URL_COLUMNS if c in columns), None)
-        if url_column is None:
-            raise ValueError(f"{source}: found no URL column (tried {', '.join(URL_COLUMNS)}); its columns are: "
-                             f"{available} (pick one with --url-column)")
-    if caption_column is not None and caption_column.lower() == "none":
-        return url_column, None
-    if caption_column is not None:
-        if caption_column not in columns:
-            raise ValueError(f"{source}: no caption column {caption_column!r}; its columns are: {available} "
-                             "(pick one with --caption-column, or --caption-column none)")
-        return url_column, caption_column
-    caption_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    if caption_column is None:
-        raise ValueError(f"{source}: found no caption column (tried {', '.join(CAPTION_COLUMNS)}); its columns "
-                         f"are: {available} (pick one with --caption-column, or --caption-column none)")
-    return url_column, caption_column
-
-
-# ----------------------------------------------------------------------------- fetching
-def fetch(url: str, settings: FetchSettings = FetchSettings()) -> tuple[bytes, int]:
-    """The body of ``url`` and the number of attempts it took; raises DownloadError.
-
-    Transient failures are retried ``settings.retries`` times, sleeping ``backoff * 2**i`` between."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):  # file:// etc. would let a shared manifest read local files
-        raise DownloadError("bad url", f"unsupported scheme {scheme!r} (http and https only)")
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            return _fetch_once(url, settings), attempts
-        except DownloadError as e:
-            if not e.transient or attempts > settings.retries:
-                e.attempts = attempts
-                raise
-        time.sleep(min(settings.backoff * 2 ** (attempts - 1), MAX_BACKOFF_S))
-
-
-_OPENER: urllib.request.OpenerDirector | None = None
-
-
-def _opener() -> urllib.request.OpenerDirector:
-    """urllib's opener without the file:, ftp: and data: handlers, so a redirect cannot reach them."""
-    global _OPENER
-    if _OPENER is None:
-        r = urllib.request
-        opener = r.OpenerDirector()
-        for handler in (r.ProxyHandler(), r.UnknownHandler(), r.HTTPHandler(), r.HTTPSHandler(),
-                        r.HTTPDefaultErrorHandler(), r.HTTPRedirectHandler(), r.HTTPErrorProcessor()):
-            opener.add_handler(handler)
-        _OPENER = opener
-    return _OPENER
-
-
-def _fetch_once(url: str, settings: FetchSettings) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": settings.user_agent,
-                                                   "Accept": "image/*,*/*;q=0.8"})
-    deadline = time.monotonic() + settings.timeout
-    try:
-        with _opener().open(request, timeout=settings.timeout) as response:
-            _check_opt_out(response.headers.get_all("X-Robots-Tag") or [], settings.opt_out_directives)
-            length = response.headers.get("Content-Length")
-            if length and length.strip().isdigit() and int(length) > settings.max_bytes:
-                raise DownloadError("too large", f"Content-Length {int(length)} > max {settings.max_bytes} bytes")
-            chunks, total = [], 0
-            while chunk := response.read1(CHUNK):  # read1: returns what one recv got, so the deadline holds
-                total += len(chunk)
-                if total > settings.max_bytes:
-                    raise DownloadError("too large", f"body over max {settings.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise DownloadError("timeout", f"body not complete after {settings.timeout:g} s", transient=True)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except DownloadError:
-        raise
-    except urllib.error.HTTPError as e:
-        e.close()
-        transient = e.code in (408, 429) or e.code >= 500
-        raise DownloadError(f"http {e.code}", str(e.reason), transient=transient) from None
-    except urllib.error.URLError as e:
-        raise _network_error(e.reason) from None
-    except http.client.IncompleteRead as e:
-        raise DownloadError("connection error", f"incomplete read ({len(e.partial)} bytes)", transient=True) from None
-    except http.client.HTTPException as e:
-        raise DownloadError("bad response", f"{type(e).__name__}: {e}") from None
-    except ValueError as e:  # malformed URL
-        raise DownloadError("bad url", str(e)) from None
-    except OSError as e:
-        raise _network_error(e) from None
-
-
-def _network_error(reason: Any) -> DownloadError:
-    if isinstance(reason, (TimeoutError, socket.timeout)):
-        return DownloadError("timeout", str(reason) or "timed out", transient=True)
-    if isinstance(reason, socket.gaierror):
-        return DownloadError("dns error", str(reason))
-    if isinstance(reason, ssl.SSLError):
-        return DownloadError("ssl error", str(reason))
-    if isinstance(reason, ConnectionError):
-        return DownloadError("connection error", f"{type(reason).__name__}: {reason}", transient=True)
-    if isinstance(reason, str) and "timed out" in reason:
-        return DownloadError("timeout", reason, transient=True)
-    return DownloadError("network error", f"{type(reason).__name__}: {reason}")
-
-
-def _check_opt_out(values: list[str], directives: Sequence[str]) -> None:
-    """X-Robots-Tag values like "noai, noimageai" or "somebot: noindex" (honoured for every bot)."""
-    for value in values:
-        for part in value.lower().split(","):
-            token = part.rsplit(":", 1)[-1].strip()
-            if token in directives:
-                raise DownloadError("opted out", f"X-Robots-Tag: {value}")
 
 
 # ----------------------------------------------------------------------------- images
@@ -406,16 +185,26 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels, by the size its header declares."""
+    if width * height > max_pixels:
+        raise DownloadError("too many pixels", f"{width}x{height} = {width * height} pixels > max {max_pixels} "
+                                               "(--max-megapixels)")
+
+
 def process_image(data: bytes, settings: ImageSettings = ImageSettings()) -> tuple[bytes, dict[str, Any]]:
     """Check that ``data`` is a complete image of the minimum size, resize and re-encode it as RGB.
 
-    Returns the encoded bytes and ``original_width/height`` (after EXIF rotation), ``width/height``
-    and ``original_format``; raises DownloadError ("not an image", "corrupt image", "too small",
-    "too large" for decompression bombs)."""
+    The pixel count is read from the header (Pillow opens lazily) and checked against
+    ``settings.max_pixels`` before anything is decoded, so a small file declaring a huge image (a
+    decompression bomb) costs no memory. Returns the encoded bytes and ``original_width/height`` (after
+    EXIF rotation), ``width/height`` and ``original_format``; raises DownloadError ("not an image",
+    "corrupt image", "too small", "too many pixels")."""
     if not data:
         raise DownloadError("not an image", "empty body")
     try:
         with Image.open(io.BytesIO(data)) as probe:
+            check_pixels(*probe.size, settings.max_pixels)
             probe.verify()
         image = Image.open(io.BytesIO(data))
         original_format = image.format
@@ -425,8 +214,8 @@ def process_image(data: bytes, settings: ImageSettings = ImageSettings()) -> tup
         image = ImageOps.exif_transpose(image)
     except DownloadError:
         raise
-    except Image.DecompressionBombError as e:
-        raise DownloadError("too large", str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit (2 x 89 M), checked when it opens the file
+        raise DownloadError("too many pixels", f"{e} (--max-megapixels cannot go above Pillow's limit)") from None
     except UnidentifiedImageError:
         raise DownloadError("not an image", f"Pillow cannot identify {len(data)} bytes starting {data[:16]!r}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad files
@@ -456,8 +245,8 @@ def download_row(row: int, url: Any, caption: str | None, meta: dict[str, Any],
     result = SampleResult(row=row, key=sample_key(row), url=url if isinstance(url, str) else None,
                           caption=caption, meta=meta)
     try:
-        if "__error__" in meta:
-            raise DownloadError("bad row", meta.pop("__error__"))
+        if ERROR_KEY in meta:
+            raise DownloadError("bad row", meta.pop(ERROR_KEY))
         if not isinstance(url, str) or not url.strip():
             raise DownloadError("no url", f"empty or missing URL ({url!r})")
         data, result.attempts = fetch(url.strip(), fetch_settings)
@@ -573,43 +362,57 @@ def complete_shards(out_dir: Path, status_format: str) -> dict[int, Path]:
 def download(source: str | os.PathLike, out_dir: str | os.PathLike, *, url_column: str | None = None,
              caption_column: str | None = None, split: str = "train", resolution: int | None = 256,
              crop: bool = False, min_size: int = 32, image_format: str = "jpg", quality: int = 95,
-             workers: int = 16, timeout: float = 10.0, retries: int = 2, backoff: float = 0.5,
-             max_bytes: int = 20 * 2**20, shard_size: int = 1000, status_format: str = "jsonl",
+             max_pixels: int = MAX_PIXELS, workers: int = 16, timeout: float = 10.0, retries: int = 2,
+             backoff: float = 0.5, max_bytes: int = 20 * 2**20, shard_size: int = 1000, status_format: str = "jsonl",
              limit: int | None = None, user_agent: str = USER_AGENT,
              opt_out_directives: Sequence[str] = OPT_OUT_DIRECTIVES, progress: bool = True) -> DownloadReport:
     """Download the images of ``source`` into webdataset shards in ``out_dir`` (see the module doc).
 
-    Resumable: complete shards already in ``out_dir`` are skipped. Writes ``report.json`` and
-    ``failures.csv`` covering all shards and returns the same counts as a DownloadReport."""
-    _check_settings(image_format, status_format, quality, workers, shard_size, retries, timeout, resolution, crop,
-                    limit)
+    Resumable: complete shards already in ``out_dir`` are checked against the source and skipped.
+    Writes ``report.json`` and ``failures.csv`` covering all shards and returns the same counts as a
+    DownloadReport. Bad settings, sources or output folders raise UserError before anything is written."""
+    fetch_settings = FetchSettings(timeout, retries, backoff, max_bytes, user_agent, tuple(opt_out_directives))
+    image_settings = ImageSettings(resolution, crop, min_size, image_format, quality, max_pixels)
+    _check_run_settings(workers, shard_size, status_format, limit)
     start = time.monotonic()
     src = open_source(source, split)
+    if src.num_rows == 0:
+        raise UserError(f"{src.name}: no rows to download (the source is empty); give a manifest with a URL per row")
     url_col, caption_col = resolve_columns(src.columns, url_column, caption_column, src.name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"source": _canonical_source(source), "url_column": url_col, "caption_column": caption_col,
                 "shard_size": shard_size, "resolution": resolution, "crop": crop, "min_size": min_size,
                 "image_format": image_format, "quality": quality, "status_format": status_format}
-    _check_resume_settings(out / "download.json", settings)
-    (out / "download.json").write_text(json.dumps(settings | {"timeout": timeout, "retries": retries,
-                                                              "max_bytes": max_bytes, "limit": limit}, indent=2))
-    fetch_settings = FetchSettings(timeout, retries, backoff, max_bytes, user_agent, tuple(opt_out_directives))
-    image_settings = ImageSettings(resolution, crop, min_size, image_format, quality)
+    this_run = {"started": _now(), "finished": None, "workers": workers, "timeout": timeout, "retries": retries,
+                "backoff": backoff, "max_bytes": max_bytes, "max_pixels": max_pixels, "limit": limit}
+    with _download_folder(Path(out_dir)) as out:
+        runs = _previous_runs(out, settings)
+        held = _check_shards_match_source(out, src, url_col, caption_col, complete_shards(out, status_format),
+                                          shard_size)
+        write_json_atomic(out / SETTINGS_NAME, settings | {"runs": runs + [this_run]})
+        total_rows = src.num_rows if limit is None or src.num_rows is None else min(src.num_rows, limit)
+        done = {shard for shard, n in held.items()  # a --limit run may have cut the last one short: redone
+                if n >= (shard_size if total_rows is None else min(shard_size, total_rows - shard * shard_size))}
+        fetched, resumed = _fetch_rows(src, url_col, caption_col, out, done, total_rows, limit, workers, shard_size,
+                                       status_format, fetch_settings, image_settings, progress)
+        report = _write_report(out, src.name, resumed, fetched, status_format, time.monotonic() - start)
+        this_run |= {"finished": _now(), "rows_fetched": fetched, "shards_resumed": resumed}
+        write_json_atomic(out / SETTINGS_NAME, settings | {"runs": runs + [this_run]})
+    return report
 
-    total_rows = src.num_rows if limit is None or src.num_rows is None else min(src.num_rows, limit)
-    done = {}  # complete shards holding every row they should (a --limit run may have cut the last one)
-    for shard, path in complete_shards(out, status_format).items():
-        expected = shard_size if total_rows is None else min(shard_size, total_rows - shard * shard_size)
-        if expected > 0 and len(read_status(path)) == expected:
-            done[shard] = expected
-    resumed_rows = sum(done.values())
+
+def _fetch_rows(src: Source, url_col: str, caption_col: str | None, out: Path, done: set[int],
+                total_rows: int | None, limit: int | None, workers: int, shard_size: int, status_format: str,
+                fetch_settings: FetchSettings, image_settings: ImageSettings, progress: bool) -> tuple[int, int]:
+    """Fetch every row of the source outside the ``done`` shards, writing shards in row order.
+
+    Shows a progress bar (rate, ETA, ok/failed so far); returns (rows fetched, shards skipped)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=None if total_rows is None else max(total_rows - resumed_rows, 0), unit="img",
-               desc="download", disable=not progress, dynamic_ncols=True)
+    todo = None if total_rows is None else max(total_rows - sum(
+        min(shard_size, total_rows - s * shard_size) for s in done if s * shard_size < total_rows), 0)
+    bar = tqdm(total=todo, unit="img", desc="download", disable=not progress, dynamic_ncols=True)
     counts: Counter[str] = Counter()
-    fetched, n_shards, resumed = 0, 0, set()
+    fetched, resumed = 0, set()
     writer: ShardWriter | None = None
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="microdiff-download")
     window: deque[Future] = deque()
@@ -621,7 +424,7 @@ def download(source: str | os.PathLike, out_dir: str | os.PathLike, *, url_colum
         if writer is None or writer.shard != shard:
             if writer is not None:
                 writer.finish()
-            writer = ShardWriter(out, shard, image_format, status_format)
+            writer = ShardWriter(out, shard, image_settings.image_format, status_format)
         writer.add(result)
         fetched += 1
         counts["ok" if result.status == SUCCESS else "failed"] += 1
@@ -633,15 +436,11 @@ def download(source: str | os.PathLike, out_dir: str | os.PathLike, *, url_colum
             if limit is not None and row >= limit:
                 break
             shard = row // shard_size
-            n_shards = shard + 1
             if shard in done:
                 resumed.add(shard)
                 continue
-            meta = {k: v for k, v in record.items() if k not in (url_col, caption_col)}
-            caption = record.get(caption_col) if caption_col else None
-            caption = caption if caption is None or isinstance(caption, str) else str(caption)
-            window.append(pool.submit(download_row, row, record.get(url_col), caption, meta,
-                                      fetch_settings, image_settings))
+            url, caption, meta = row_fields(record, url_col, caption_col)
+            window.append(pool.submit(download_row, row, url, caption, meta, fetch_settings, image_settings))
             while len(window) >= workers * 4:  # bounded look-ahead; results are written in row order
                 collect(window.popleft())
         while window:
@@ -656,27 +455,17 @@ def download(source: str | os.PathLike, out_dir: str | os.PathLike, *, url_colum
         if writer is not None:  # interrupted: leave the .partial files, the shard is redone next time
             writer.abort()
         bar.close()
-    return _write_report(out, src.name, n_shards, len(resumed), fetched, status_format, time.monotonic() - start)
+    return fetched, len(resumed)
 
 
-def _check_settings(image_format, status_format, quality, workers, shard_size, retries, timeout, resolution, crop,
-                    limit) -> None:
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format {image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
+def _check_run_settings(workers, shard_size, status_format, limit) -> None:
     if status_format not in STATUS_FORMATS:
-        raise ValueError(f"status_format {status_format!r}: choose one of {', '.join(STATUS_FORMATS)}")
-    for name, value, low in [("workers", workers, 1), ("shard_size", shard_size, 1), ("retries", retries, 0),
-                             ("quality", quality, 1)]:
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    if resolution is not None and resolution < 1:
-        raise ValueError(f"resolution must be >= 1 (or None to keep the original size), got {resolution}")
-    if crop and not resolution:
-        raise ValueError("crop needs a resolution to crop to (--resolution N with --crop)")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise UserError(f"status_format {status_format!r} (--status-format): choose one of {', '.join(STATUS_FORMATS)}")
+    for name, flag, value in [("workers", "--workers", workers), ("shard_size", "--shard-size", shard_size)]:
+        if not (isinstance(value, int) and value >= 1):
+            raise UserError(f"{name} ({flag}): must be a whole number >= 1, got {value}")
+    if limit is not None and not (isinstance(limit, int) and limit >= 0):
+        raise UserError(f"limit (--limit): must be a whole number >= 0, got {limit}")
 
 
 def _canonical_source(source: str | os.PathLike) -> str:
@@ -684,44 +473,152 @@ def _canonical_source(source: str | os.PathLike) -> str:
     return str(path.resolve()) if path.exists() else str(source)
 
 
-def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
-    if not path.is_file():
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- the output folder
+@contextmanager
+def _download_folder(out: Path) -> Iterator[Path]:
+    """``out``, created if needed and locked for this run: new, empty (hidden files aside) or a download's."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out is a file, not a folder; give a new folder, or one holding this download")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the --out folder ({e.strerror or e}); "
+                        "choose a path you can write") from None
+    if not (out / SETTINGS_NAME).is_file():
+        theirs = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if theirs:
+            raise UserError(f"{out}: --out is not empty ({len(theirs)} entries, e.g. {theirs[0]}) and holds no "
+                            f"{SETTINGS_NAME} of a download; choose a new or empty folder")
+    with _folder_lock(out):
+        yield out
+
+
+@contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``out/.download.lock`` for as long as the run writes. The kernel drops it when
+    the process ends, however it ends, so a killed run leaves no stale lock behind."""
+    if fcntl is None:
+        yield
         return
-    previous = json.loads(path.read_text())
+    try:
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write in the --out folder ({e.strerror or e}); choose a folder you "
+                        "can write") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{out}: another download is writing to this folder (pid {holder}); wait for it to "
+                            "finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _previous_runs(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs recorded in ``out/download.json`` after checking that they made the same dataset."""
+    path = out / SETTINGS_NAME
+    if not path.is_file():
+        return []
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged ({e}); the settings of this download are unknown, so it cannot be "
+                        "resumed: choose a new --out") from None
     changed = [f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in RESUME_SETTINGS if previous.get(k) != settings[k]]
     if changed:
-        raise ValueError(f"{path.parent}: holds a download made with other settings ({'; '.join(changed)}); "
-                         "rerun with the same ones to resume, or choose a new --out folder")
+        raise UserError(f"{out}: holds a download made with other settings ({'; '.join(changed)}); "
+                        "rerun with the same ones to resume, or choose a new --out folder")
+    runs = previous.get("runs")
+    if isinstance(runs, list):
+        return runs
+    old = {k: previous[k] for k in ("timeout", "retries", "max_bytes", "limit") if k in previous}  # before "runs"
+    return [old] if old else []
 
 
-def _write_report(out: Path, source: str, n_shards: int, n_resumed: int, fetched: int, status_format: str,
+def _check_shards_match_source(out: Path, src: Source, url_col: str, caption_col: str | None,
+                               complete: dict[int, Path], shard_size: int) -> dict[int, int]:
+    """Rows held by each complete shard, after checking that they are the rows the source has now.
+
+    Every status row of a complete shard is compared (row number, URL, caption) with the source's row:
+    a manifest edited since the shard was made would otherwise mix two datasets in one folder."""
+    held: dict[int, int] = {}
+    if not complete:
+        return held
+    rows = enumerate(src.rows())
+    for shard in sorted(complete):
+        status = _read_status_checked(complete[shard])
+        held[shard] = len(status)
+        for offset, kept in enumerate(status):
+            row = shard * shard_size + offset
+            if kept.get("row") != row:
+                raise UserError(f"{complete[shard]}: damaged status file (entry {offset} is row {kept.get('row')}, "
+                                f"not {row}); delete this shard's .tar and status file to redo it")
+            record = next((record for r, record in rows if r == row), None)
+            if record is None:
+                raise UserError(f"{out}: shard {shard_name(shard)} holds row {row}, but {src.name} now has fewer "
+                                "rows; the source changed since this download: download it into a new --out")
+            url, caption, _ = row_fields(record, url_col, caption_col)
+            now = {"url": url if isinstance(url, str) else None, "caption": caption}
+            for name, value in now.items():
+                if kept.get(name) != value:
+                    raise UserError(f"{out}: shard {shard_name(shard)} was downloaded from other rows than "
+                                    f"{src.name} has now (row {row}: {name} {kept.get(name)!r} -> {value!r}); "
+                                    "the source changed since this download: download it into a new --out")
+    return held
+
+
+def _read_status_checked(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_status(path)
+    except Exception as e:  # noqa: BLE001 - json or pyarrow errors: a damaged file, said in one line
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: damaged status file ({detail}); delete this shard's .tar and status file "
+                        "to redo it") from None
+
+
+def _write_report(out: Path, source: str, n_resumed: int, fetched: int, status_format: str,
                   elapsed: float) -> DownloadReport:
-    """Aggregate the status files of shards 0..n_shards-1 into report.json and failures.csv."""
+    """Aggregate the status files of every complete shard in ``out`` into report.json and failures.csv."""
     success, by_reason, failures = 0, Counter(), []
-    for shard in range(n_shards):
-        for row in read_status(out / f"{shard_name(shard)}.{status_format}"):
+    shards = complete_shards(out, status_format)
+    for shard in sorted(shards):
+        for row in read_status(shards[shard]):
             if row["status"] == SUCCESS:
                 success += 1
             else:
                 by_reason[row["reason"]] += 1
                 failures.append(row)
     report = DownloadReport(out_dir=str(out), source=source, rows=success + sum(by_reason.values()),
-                            success=success, failed_by_reason=dict(by_reason.most_common()), shards=n_shards,
+                            success=success, failed_by_reason=dict(by_reason.most_common()), shards=len(shards),
                             shards_resumed=n_resumed, rows_fetched=fetched, elapsed_s=round(elapsed, 3))
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    with (out / "failures.csv").open("w", newline="", encoding="utf-8") as f:
+    write_json_atomic(out / REPORT_NAME, report.to_dict())
+    partial = out / f".{FAILURES_NAME}.partial"
+    with partial.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "key", "url", "reason", "detail"])
         for row in failures:
             writer.writerow([row["row"], row["key"], row["url"] or "", row["reason"], row["detail"]])
+    os.replace(partial, out / FAILURES_NAME)
     return report
 
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("source", help="manifest (.jsonl/.csv/.tsv/.parquet), Hugging Face dataset folder, "
+    parser.add_argument("source", help="manifest (.jsonl/.csv/.tsv/.parquet, UTF-8), Hugging Face dataset folder, "
                                        "or hub dataset name (owner/name or hf:name)")
-    parser.add_argument("--out", required=True, help="output folder for the shards and reports")
+    parser.add_argument("--out", required=True, help="output folder for the shards and reports: new, empty, or "
+                                                     "one holding this same download (then it resumes)")
     parser.add_argument("--url-column", help=f"URL column (default: first of {', '.join(URL_COLUMNS)})")
     parser.add_argument("--caption-column", help=f"caption column (default: first of {', '.join(CAPTION_COLUMNS)}; "
                                                  "'none' for no captions)")
@@ -730,11 +627,16 @@ def add_arguments(parser) -> None:
                         help="resize the short side to this, keeping the aspect (default: 256; 0 keeps the size)")
     parser.add_argument("--crop", action="store_true", help="centre crop to resolution x resolution")
     parser.add_argument("--min-size", type=int, default=32, help="reject images whose short side is smaller (default: 32)")
+    parser.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
+                        help="refuse images whose header declares more pixels, before decoding them: decompression "
+                             f"bombs (default: {MAX_PIXELS / 1e6:g}, about {3 * MAX_PIXELS // 10**6} MB decoded)")
     parser.add_argument("--format", dest="image_format", choices=list(IMAGE_FORMATS), default="jpg",
                         help="image encoding in the shards (default: jpg)")
-    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default: 95)")
+    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality, 1-100 (default: 95)")
     parser.add_argument("--workers", type=int, default=16, help="parallel downloads (default: 16)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request attempt (default: 10)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds one request attempt may take in all: connect, headers, body and redirects, "
+                             "however slowly the server sends (default: 10)")
     parser.add_argument("--retries", type=int, default=2,
                         help="retries of transient failures: timeouts, 5xx, 429, resets (default: 2)")
     parser.add_argument("--max-mb", type=float, default=20.0, help="largest accepted download in MiB (default: 20)")
@@ -745,11 +647,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _positive(flag: str, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{flag}: must be a number > 0, got {value}")
+    return value
+
+
 def run(args) -> int:
+    # this command checks pixel counts itself, below Pillow's warning threshold, and reports each refusal:
+    # Pillow's own warning for 89-179 M pixel headers would only repeat that on stderr
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    max_bytes = int(_positive("--max-mb", args.max_mb) * 2**20)
+    max_pixels = int(_positive("--max-megapixels", args.max_megapixels) * 1e6)
     report = download(args.source, args.out, url_column=args.url_column, caption_column=args.caption_column,
                       split=args.split, resolution=args.resolution or None, crop=args.crop, min_size=args.min_size,
-                      image_format=args.image_format, quality=args.quality, workers=args.workers,
-                      timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20),
+                      image_format=args.image_format, quality=args.quality, max_pixels=max_pixels,
+                      workers=args.workers, timeout=args.timeout, retries=args.retries, max_bytes=max_bytes,
                       shard_size=args.shard_size, status_format=args.status_format, limit=args.limit,
                       progress=not args.no_progress)
     print(report.format_table())
@@ -758,6 +671,6 @@ def run(args) -> int:
 
 
 __all__ = ["download", "DownloadReport", "DownloadError", "FetchSettings", "ImageSettings", "SampleResult",
-           "Source", "open_source", "resolve_columns", "fetch", "process_image", "resize_size",
+           "Source", "open_source", "resolve_columns", "fetch", "process_image", "check_pixels", "resize_size",
            "center_crop_box", "download_row", "sample_key", "shard_name", "ShardWriter", "read_status",
-           "write_status", "complete_shards", "URL_COLUMNS", "CAPTION_COLUMNS", "add_arguments", "run"]
+           "write_status", "complete_shards", "URL_COLUMNS", "CAPTION_COLUMNS", "MAX_PIXELS", "add_arguments", "run"]
