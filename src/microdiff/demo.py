@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .utils.argtypes import int_at_least, positive_int
+
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
 SEEDS = (0, 1000, 2000, 3000)  # image k of a prompt list uses seed + k
@@ -135,13 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of configs/demo.yaml, e.g. train.steps=4000 data.resolution=64")
     parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
-    parser.add_argument("--resolution", type=int, help="image side in px (default: the config's 32)")
+    parser.add_argument("--steps", type=positive_int, help="training steps (default: the config's)")
+    parser.add_argument("--resolution", type=int_at_least(8), help="image side in px (default: the config's 32)")
     parser.add_argument("--device", help="cpu, cuda, auto (default: the config's auto)")
-    parser.add_argument("--fd-samples", type=int, default=200,
+    parser.add_argument("--fd-samples", type=int_at_least(2), default=200,
                         help="images per set for the pixel Fréchet distance (default: 200)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--samples", type=int, default=4000, help="--toy only: points per sampler")
+    parser.add_argument("--samples", type=int_at_least(2), default=4000, help="--toy only: points per sampler")
     parser.add_argument("--toy", action="store_true",
                         help="instead: the 2-D sampler comparison (every sampler vs exact samples, < 1 min)")
 
@@ -153,11 +155,11 @@ def run(args: argparse.Namespace) -> int:
         run_smoke_demo(args.out, steps=args.steps or 3000, n_samples=args.samples, progress=not args.no_progress)
         return 0
     overrides = list(args.overrides)
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    if args.resolution:
+    if args.resolution is not None:
         overrides.append(f"data.resolution={args.resolution}")
-    if args.device:
+    if args.device is not None:
         overrides.append(f"train.device={args.device}")
     run_demo(args.out, overrides, progress=not args.no_progress, fd_samples=args.fd_samples)
     return 0
