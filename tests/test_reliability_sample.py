@@ -244,6 +244,9 @@ def test_the_api_refuses_non_finite_guidance_and_weights(checkpoint):
     (["--device", "gpu"], ["--device", "did you mean cuda"]),
     (["--device", "cuda:99"], ["--device", "cuda:99"]),
     (["--compile", "--cuda-graphs"], ["--cuda-graphs"]),
+    (["--dtype", "int8"], ["--dtype", "float32"]),
+    (["--seed", str(2**70)], ["--seed"]),
+    (["--size", "16"], ["16x16", "8x8 px"]),  # this MicroDiT's positional table is for 8 px
 ])
 def test_bad_options_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys, args, needles):
     if "--cuda-graphs" in args and torch.cuda.is_available():
@@ -257,6 +260,13 @@ def test_bad_options_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys
 def test_cuda_on_a_machine_without_it(checkpoint, tmp_path, capsys):
     code = main(["sample", "x", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s"), "--device", "cuda"])
     _one_line(code, capsys.readouterr().err, "--device", "CUDA is not available", "cpu")
+
+
+def test_a_run_folder_as_checkpoint_points_to_its_pipeline(checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "pipeline")
+    code, _, err = _sample(capsys, run, tmp_path / "s")
+    _one_line(code, err, "no pipeline.yaml", str(run / "pipeline"))
 
 
 def test_out_that_is_a_file_or_cannot_be_made(checkpoint, tmp_path, capsys):

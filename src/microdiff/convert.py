@@ -92,9 +92,13 @@ def _check_identifiers(vae: str, text_encoder: str) -> None:
 
     if vae.partition(":")[0] not in AE_SCHEMES:
         raise ValueError(f"--vae {vae!r}: unknown autoencoder scheme; use one of {', '.join(AE_SCHEMES)}")
+    if vae.partition(":")[0] != "identity" and not vae.partition(":")[2].strip():
+        raise UserError(f"--vae {vae!r}: names no model; write e.g. {DEFAULT_VAE}")
     text = ALIASES.get(text_encoder, text_encoder)
     if text.partition(":")[0] not in TEXT_SCHEMES:
         raise ValueError(f"--text-encoder {text_encoder!r}: unknown scheme; use one of {', '.join(TEXT_SCHEMES)}")
+    if text.partition(":")[0] != "builtin" and not text.partition(":")[2].strip():
+        raise UserError(f"--text-encoder {text_encoder!r}: names no model; write e.g. {DEFAULT_TEXT_ENCODER}")
     if text.partition(":")[0] == "builtin":
         raise UserError(f"--text-encoder {text_encoder!r}: the built-in encoder trains with its model and a "
                         "micro_diffusion checkpoint holds no weights for it; name the encoder the DiT was trained "

@@ -157,7 +157,12 @@ class Pipeline:
                    "sampler": name, "eta": eta, "guidance_scale": self._guidance(guidance_scale),
                    "height": d.height if height is None else whole(height, "height"),
                    "width": d.width if width is None else whole(width, "width")}
-        self.latent_shape(checked["height"], checked["width"])
+        _, h, w = self.latent_shape(checked["height"], checked["width"])
+        fixed = getattr(getattr(self.denoiser.backbone, "_orig_mod", self.denoiser.backbone), "input_hw", None)
+        if fixed is not None and tuple(fixed) != (h, w):
+            f = self.autoencoder.downsample
+            raise UserError(f"height x width {checked['height']}x{checked['width']}: this pipeline's backbone makes "
+                            f"{fixed[0] * f}x{fixed[1] * f} px images only (its positional table); leave the size out")
         return checked
 
     def _guidance(self, guidance_scale: float | None) -> float:
@@ -313,8 +318,10 @@ def _resolve_pipeline_folder(path_or_id: str | Path) -> Path:
     path = Path(path_or_id)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a pipeline folder (written by "
-                                    "Pipeline.save_pretrained or `microdiff convert`)?")
+            inner = path / "pipeline"
+            hint = (f"a training run keeps its pipeline in {inner}" if (inner / CONFIG_NAME).is_file() else
+                    "is this a pipeline folder (written by Pipeline.save_pretrained or `microdiff convert`)?")
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; {hint}")
         return path
     if path.is_file():
         hint = f"pass its folder, {path.parent}" if path.name == CONFIG_NAME else \

@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, "
                         "cuda:1, mps")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    parser.add_argument("--dtype", default="auto", help="backbone weights dtype: auto (bfloat16 on cuda, float32 "
+                        "elsewhere), float32, bfloat16, float16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone first")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --compile on a GPU: replay each denoiser call as a CUDA graph")
@@ -92,7 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Range checks of the options, before anything is loaded (one line naming the option)."""
-    whole(args.num_images, "-n/--num-images")
+    n = whole(args.num_images, "-n/--num-images")
+    if not -2**63 <= args.seed <= 2**63 - 1 - n:
+        raise UserError(f"--seed={args.seed}: out of range; image k uses seed + k, which must stay within "
+                        f"[-2^63, 2^63 - 1]")
     whole(args.batch_size, "--batch-size")
     for flag, value in (("--steps", args.steps), ("--size", args.size), ("--decode-batch", args.decode_batch)):
         if value is not None:

@@ -62,6 +62,7 @@ from ..utils.files import output_folder, write_png_atomic, write_text_atomic
 
 DEFAULT_GUIDANCE = 1.5  # micro_diffusion's classifier-free guidance for its COCO FID numbers
 SEED_STRIDE = 1_000_000_000  # seed s of row i uses the pipeline seed s * SEED_STRIDE + i
+MAX_SEED = (2**63 - 1) // SEED_STRIDE - 1  # s * SEED_STRIDE + i must stay a 63-bit generator seed
 ID_COLUMNS = ("id", "image_id", "prompt_id")
 CAPTION_COLUMNS = ("caption", "prompt", "prompts", "text")
 IMAGES_DIR = "images"
@@ -188,6 +189,9 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds {text!r}: give a comma list of whole numbers, e.g. 0,1,2") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r}: give distinct whole numbers >= 0, e.g. 0,1,2")
+    if max(seeds) >= MAX_SEED:
+        raise ValueError(f"--seeds {text!r}: seeds must be below {MAX_SEED} (row i of seed s samples with "
+                         f"s * {SEED_STRIDE} + i, a 63-bit number)")
     return seeds
 
 
@@ -316,8 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), "
                         "cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    parser.add_argument("--dtype", default="auto", help="backbone weights dtype: auto (bfloat16 on cuda, float32 "
+                        "elsewhere), float32, bfloat16, float16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
