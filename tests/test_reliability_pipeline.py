@@ -216,7 +216,7 @@ def _drop_one_tensor(path, startswith=""):
     return key
 
 
-def test_hf_text_encoder_and_clip_with_missing_weights_are_refused(tmp_path):
+def test_hf_text_encoder_clip_and_clip_features_with_missing_weights_are_refused(tmp_path):
     """transformers initialises missing weights at random with only a warning; we refuse."""
     from microdiff.clip_guidance import load_clip
     from microdiff.encoders.text import load_text_encoder
@@ -228,6 +228,10 @@ def test_hf_text_encoder_and_clip_with_missing_weights_are_refused(tmp_path):
         load_text_encoder(f"hf-clip:{folder}")
     with pytest.raises(ValueError, match=r"clip.*1 missing"):
         load_clip(folder)
+    from microdiff.eval.features import load_features
+
+    with pytest.raises(ValueError, match=r"clip.*1 missing"):  # CLIP features for FID / CLIP score
+        load_features(f"clip:{folder}")
 
 
 def test_diffusers_autoencoder_with_missing_weights_is_refused(tmp_path):

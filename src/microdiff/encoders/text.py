@@ -131,17 +131,19 @@ def _hf_load(loader: Callable[..., Any], path: str, identifier: str, what: str, 
                         "damaged or of another model: download or save them again") from None
 
 
-def hf_load_weights(loader: Callable[..., Any], path: str, identifier: str, **kwargs: Any) -> Any:
+def hf_load_weights(loader: Callable[..., Any], path: str, identifier: str, *, wrap: Callable[..., Any] | None = None,
+                    **kwargs: Any) -> Any:
     """``loader(path, output_loading_info=True, **kwargs)`` (a transformers ``from_pretrained``), refusing
     weights files that miss some of the model's weights or hold them in other shapes: transformers would
     initialise those at random with only a warning. Extra weights (a full CLIP's vision tower when only
-    the text tower is loaded) are fine. Its load report is silenced: a problem is one line."""
+    the text tower is loaded) are fine. Its load report is silenced: a problem is one line. ``wrap``: the
+    caller's ``(loader, path, identifier, what, **kwargs)`` error wrapper (default: ours)."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = _hf_load(loader, path, identifier, "weights", output_loading_info=True, **kwargs)
+        model, info = (wrap or _hf_load)(loader, path, identifier, "weights", output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
