@@ -108,6 +108,12 @@ def test_files_sample_did_not_write_are_never_replaced(checkpoint, tmp_path, cap
         code, _, err = _sample(capsys, checkpoint, out, *extra)
         _one_line(code, err, "--out", "did not write", "00000.png")
     assert _snapshot(out) == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "samples.jsonl").write_text('{"my": "data"}\n')  # the user's own log under our name
+    code, _, err = _sample(capsys, checkpoint, other)
+    _one_line(code, err, "--out", "samples.jsonl")
+    assert (other / "samples.jsonl").read_text() == '{"my": "data"}\n'
 
 
 def test_a_retrained_checkpoint_in_the_same_folder_is_other_settings(checkpoint, tmp_path, capsys):

@@ -138,6 +138,15 @@ def _png_settings(path: Path) -> str | None:
     return str(info.get("microdiff:settings", ""))
 
 
+def _our_log(path: Path) -> bool:
+    """Whether a samples.jsonl is one that sample wrote (every line a record with file, prompt, sampler)."""
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return all(isinstance(r, dict) and {"file", "prompt", "sampler"} <= set(r) for r in records)
+
+
 def _old_settings(out: Path) -> dict[str, Any]:
     """The settings of the first line of an earlier samples.jsonl (for saying what changed)."""
     try:
@@ -163,7 +172,9 @@ def plan_output(out: Path, settings: dict[str, Any], overwrite: bool) -> set[int
             continue
         match = IMAGE_NAME.fullmatch(entry.name)
         if entry.name == LOG_NAME and entry.is_file():
-            continue  # rewritten from the images that stay
+            if not _our_log(entry):
+                foreign.append(entry.name)
+            continue  # ours: rewritten from the images that stay
         if entry.is_file() and (match or entry.name == GRID_NAME):
             tag = _png_settings(entry)
             if tag is None:
