@@ -94,7 +94,7 @@ def load_trained_autoencoder(folder: str | Path, device: str | torch.device = "c
         raise UserError(f"{config_path}: 'config' does not describe a {saved['kind']} autoencoder ({err}); "
                         "save it again with save_autoencoder") from None
     load_strict(model, read_safetensors(weights_path, "autoencoder weights file"), weights_path,
-                what=f"{saved['kind']} autoencoder that {CONFIG_NAME} describes",
+                what=f"{CONFIG_NAME} (a {saved['kind']} autoencoder)",
                 fix="the file belongs to another autoencoder; save it again with save_autoencoder")
     if sample and saved["kind"] != "vae":
         raise ValueError(f"{folder}: sample=True needs a KL autoencoder (kind 'vae'); this one is {saved['kind']!r}")

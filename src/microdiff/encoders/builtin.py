@@ -172,7 +172,7 @@ class BuiltinTextEncoder(nn.Module):
                             f"({err}); re-save the encoder with .save()") from None
         weights = directory / WEIGHTS_FILE
         load_strict(encoder, read_safetensors(weights, "text encoder weights file"), weights,
-                    what=f"built-in text encoder that {CONFIG_FILE} describes",
+                    what=CONFIG_FILE,
                     fix="the file belongs to another encoder; re-save it with .save()")
         return encoder.to(device=device, dtype=dtype)
 

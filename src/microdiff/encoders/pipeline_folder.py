@@ -327,7 +327,7 @@ def load_parts(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     backbone = build_backbone(config, config_path)
     verify_files(path, config)  # before any weights are read
     load_strict(backbone, read_safetensors(path / WEIGHTS_NAME, "denoiser weights file"), path / WEIGHTS_NAME,
-                what=f"{config['backbone']['class']} that {CONFIG_NAME} describes",
+                what=f"the {config['backbone']['class']} that {CONFIG_NAME} describes",
                 fix=f"this file belongs to another model; put back the one written with this {CONFIG_NAME} or "
                     f"{REEXPORT}")
     backbone = backbone.to(device=device, dtype=dtype).eval()

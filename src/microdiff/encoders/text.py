@@ -462,7 +462,7 @@ def text_encoder_from_state(tensors: dict[str, torch.Tensor], metadata: dict[str
         if not state:
             raise ValueError(f"the checkpoint names the trainable {identifier} but holds no tensors under "
                              f"{prefix!r}; save it with text_encoder_state(encoder, prefix={prefix!r})")
-        load_strict(encoder, state, "the checkpoint", what=f"text encoder {identifier}",
+        load_strict(encoder, state, "the checkpoint", what=f"the text encoder {identifier}",
                     fix=f"save it with text_encoder_state(encoder, prefix={prefix!r}) from the same encoder")
     return encoder
 

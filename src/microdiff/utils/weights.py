@@ -102,11 +102,12 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, tor
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike,
                 what: str | None = None, fix: str = "these are the weights of another model",
                 ignore_shape: tuple[str, ...] = ()) -> None:
-    """``module.load_state_dict(state, strict=True)``, or one line naming ``source`` and what differs
-    (missing or unexpected keys, shapes) instead of torch's multi-line RuntimeError. Keys ending in
+    """``module.load_state_dict(state, strict=True)``, or one line naming ``source``, ``what`` the weights
+    should match (default: the module's class) and what differs (missing or unexpected keys, shapes)
+    instead of torch's multi-line RuntimeError. Keys ending in
     ``ignore_shape`` may differ in shape (a module that rebuilds them itself, like MicroDiT's
     positional table)."""
-    what = what or type(module).__name__
+    what = what or f"a {type(module).__name__}"
     problem = state_mismatch(module.state_dict(), state, ignore_shape)
     if problem is None:
         try:
@@ -114,7 +115,7 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
             return
         except RuntimeError as err:  # e.g. a dtype that cannot be copied
             problem = str(err).strip().splitlines()[-1].strip()
-    raise UserError(f"{source}: weights do not fit the {what} it should hold ({problem}); {fix}")
+    raise UserError(f"{source}: weights do not match {what} ({problem}); {fix}")
 
 
 __all__ = ["DIGEST", "file_digest", "path_digest", "check_digest", "read_safetensors", "state_mismatch", "load_strict"]
