@@ -133,9 +133,7 @@ def convert_micro_diffusion(dit: str | Path, out: str | Path, vae: str = DEFAULT
     name, config = infer_microdit_config(state, preset)
     out = _check_out(out, overwrite)
     size = config["input_size"] * 8 if re.match(r"diffusers-(kl|tiny):", vae) else config["input_size"]
-    defaults = SamplingDefaults(sampler="heun", num_inference_steps=30, guidance_scale=5.0, sigma_min=0.002,
-                                sigma_max=80.0, rho=7.0, height=size, width=size, caption_mask=False,
-                                caption_layout="B1LC")
+    defaults = SamplingDefaults(height=size, width=size)  # its other defaults are micro_diffusion's settings
     return write_pipeline_folder(
         out, backbone_class="MicroDiT", backbone_config=config, backbone_state=state,
         parameterization={"name": "edm", "sigma_data": 0.9}, defaults=defaults, text_encoder=text_encoder,
