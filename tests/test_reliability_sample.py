@@ -253,6 +253,7 @@ def test_the_api_refuses_non_finite_guidance_and_weights(checkpoint):
     (["--dtype", "int8"], ["--dtype", "float32"]),
     (["--seed", str(2**70)], ["--seed"]),
     (["--size", "16"], ["16x16", "8x8 px"]),  # this MicroDiT's positional table is for 8 px
+    (["--truncate-sigma", "100"], ["truncate_sigma", "sigma_max"]),
 ])
 def test_bad_options_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys, args, needles):
     if "--cuda-graphs" in args and torch.cuda.is_available():

@@ -157,6 +157,9 @@ class Pipeline:
                    "sampler": name, "eta": eta, "guidance_scale": self._guidance(guidance_scale),
                    "height": d.height if height is None else whole(height, "height"),
                    "width": d.width if width is None else whole(width, "width")}
+        if d.truncate_sigma is not None and not d.truncate_sigma < d.sigma_max:
+            raise UserError(f"truncate_sigma={d.truncate_sigma:g}: must be below the pipeline's sigma_max "
+                            f"{d.sigma_max:g} (0 or None: no truncation)")
         _, h, w = self.latent_shape(checked["height"], checked["width"])
         fixed = getattr(getattr(self.denoiser.backbone, "_orig_mod", self.denoiser.backbone), "input_hw", None)
         if fixed is not None and tuple(fixed) != (h, w):
