@@ -65,9 +65,22 @@ def tiny_vae(tmp_path):
     return tmp_path / "vae"
 
 
-def test_convert_a_composer_checkpoint_and_sample(nano_checkpoint, tiny_vae, tmp_path):
+@pytest.fixture()
+def tiny_text_encoder(tmp_path):
+    """A pretrained-style CLIP text encoder folder (random weights, 32-d states, no download): convert
+    names a frozen encoder; the built-in one has no weights in a micro_diffusion checkpoint."""
+    from tiny_models import clip_tokenizer, tiny_clip
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(["a red circle", "a blue square", "a photo of a cat"])
+    tiny_clip(tokenizer.vocab_size, image_size=16).text_model.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    return f"hf-clip:{tmp_path / 'clip'}"
+
+
+def test_convert_a_composer_checkpoint_and_sample(nano_checkpoint, tiny_vae, tiny_text_encoder, tmp_path):
     model, path = nano_checkpoint
-    text = "builtin:byte-d32-l1-h2-len32-mlp4-seed0"
+    text = tiny_text_encoder
     out = convert_micro_diffusion(path, tmp_path / "pipe", vae=f"diffusers-kl:{tiny_vae}", text_encoder=text)
     config = yaml.safe_load((out / "pipeline.yaml").read_text())
     assert config["backbone"]["preset"] == "MicroDiT_Nano_2"

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 from .diffusion.denoiser import append_dims
 from .diffusion.rng import GeneratorSpec
+from .encoders.text import hf_load_weights
+from .prompts import parse_weighted  # noqa: F401 - image prompts share the text prompts' PATH[:WEIGHT] grammar
 
 # OpenAI CLIP's normalisation: used only when a model folder has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -237,7 +239,9 @@ def load_clip(identifier_or_folder: str | Path, device: str | torch.device = "cp
         if config.model_type != "clip":
             raise ValueError(f"{identifier_or_folder}: a {config.model_type!r} model, not a CLIP model with text and "
                              "vision towers (CLIPModel)")
-        model = transformers.CLIPModel.from_pretrained(source, dtype=dtype or torch.float32)
+        # strict: weights missing from the folder would be initialised at random by transformers
+        model = hf_load_weights(transformers.CLIPModel.from_pretrained, source, str(identifier_or_folder),
+                                dtype=dtype or torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except OSError as err:
         if is_dir:
@@ -298,17 +302,6 @@ def image_targets(clip: ClipEmbedder, images: Sequence[tuple[Any, float]]) -> li
         with torch.no_grad():
             out.append((clip.embed_images(tensor)[0], float(weight)))
     return out
-
-
-def parse_weighted(text: str) -> tuple[str, float]:
-    """``"fox.png:0.5"`` -> ("fox.png", 0.5); without a numeric suffix the weight is 1."""
-    head, sep, tail = str(text).rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return str(text), 1.0
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -10,7 +10,13 @@ is chosen (or pass ``--preset``). Bare state dicts (as published on the hub) and
 checkpoints (``state/model`` with ``dit.``) are accepted. The pipeline gets micro_diffusion's
 sampling settings: EDM with sigma_data 0.9, Heun, 30 steps, rho 7, sigma 0.002..80, guidance 5,
 zero caption states as the unconditional input and attention to all 77 caption tokens. Encoders are
-written as identifiers (nothing is downloaded here); they load when the pipeline is used.
+written as identifiers (nothing is downloaded here); they load when the pipeline is used. The
+built-in text encoder cannot be named: its weights train with the model, and a micro_diffusion
+checkpoint does not hold them.
+
+--out must be a new or empty folder; --overwrite replaces the pipeline in a folder that holds one
+(and nothing else there). The folder's pipeline.yaml records the content hash of
+denoiser.safetensors, so a damaged copy is refused when the pipeline loads.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from .pipeline import CONFIG_NAME, FORMAT, WEIGHTS_NAME, SamplingDefaults
+from .encoders.pipeline_folder import CONFIG_NAME, WEIGHTS_NAME, SamplingDefaults, is_pipeline_folder, write_pipeline_folder
+from .utils.errors import UserError
+from .utils.files import output_folder
 
 DEFAULT_VAE = "diffusers-kl:stabilityai/stable-diffusion-xl-base-1.0?subfolder=vae"
 DEFAULT_TEXT_ENCODER = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
@@ -85,42 +92,53 @@ def _check_identifiers(vae: str, text_encoder: str) -> None:
 
     if vae.partition(":")[0] not in AE_SCHEMES:
         raise ValueError(f"--vae {vae!r}: unknown autoencoder scheme; use one of {', '.join(AE_SCHEMES)}")
+    if vae.partition(":")[0] != "identity" and not vae.partition(":")[2].strip():
+        raise UserError(f"--vae {vae!r}: names no model; write e.g. {DEFAULT_VAE}")
     text = ALIASES.get(text_encoder, text_encoder)
     if text.partition(":")[0] not in TEXT_SCHEMES:
         raise ValueError(f"--text-encoder {text_encoder!r}: unknown scheme; use one of {', '.join(TEXT_SCHEMES)}")
+    if text.partition(":")[0] != "builtin" and not text.partition(":")[2].strip():
+        raise UserError(f"--text-encoder {text_encoder!r}: names no model; write e.g. {DEFAULT_TEXT_ENCODER}")
+    if text.partition(":")[0] == "builtin":
+        raise UserError(f"--text-encoder {text_encoder!r}: the built-in encoder trains with its model and a "
+                        "micro_diffusion checkpoint holds no weights for it; name the encoder the DiT was trained "
+                        f"with (default: {DEFAULT_TEXT_ENCODER})")
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """--out: a new or empty folder, or (with --overwrite) one that holds a pipeline and nothing else of ours."""
+    if out.is_dir() and any(out.iterdir()):
+        if not is_pipeline_folder(out):
+            raise UserError(f"--out {out}: this folder holds other files; pass a new or empty folder")
+        if not overwrite:
+            raise UserError(f"--out {out}: already holds a pipeline ({CONFIG_NAME}); pass another --out, or "
+                            "--overwrite to replace it")
+    return output_folder(out, "--out")
 
 
 def convert_micro_diffusion(dit: str | Path, out: str | Path, vae: str = DEFAULT_VAE,
-                            text_encoder: str = DEFAULT_TEXT_ENCODER, preset: str | None = None) -> Path:
+                            text_encoder: str = DEFAULT_TEXT_ENCODER, preset: str | None = None,
+                            overwrite: bool = False) -> Path:
     """Write a pipeline folder for a micro_diffusion DiT checkpoint; returns the folder."""
-    from safetensors.torch import save_file
-
     from .models.dit import extract_state_dict, load_checkpoint_file
 
     dit = Path(dit)
     if not dit.is_file():
         raise FileNotFoundError(f"--dit {dit}: no such file (a .safetensors / .pt DiT checkpoint)")
     _check_identifiers(vae, text_encoder)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder; pass a new folder for the pipeline")
     state = extract_state_dict(load_checkpoint_file(str(dit)))
     name, config = infer_microdit_config(state, preset)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS_NAME))
+    out = _check_out(out, overwrite)
     size = config["input_size"] * 8 if re.match(r"diffusers-(kl|tiny):", vae) else config["input_size"]
-    defaults = SamplingDefaults(sampler="heun", num_inference_steps=30, guidance_scale=5.0, sigma_min=0.002,
-                                sigma_max=80.0, rho=7.0, height=size, width=size, caption_mask=False,
-                                caption_layout="B1LC")
-    pipeline = {
-        "format": FORMAT, "version": 1,
-        "text_encoder": {"identifier": text_encoder},
-        "autoencoder": {"identifier": vae, "relative": False},
-        "backbone": {"class": "MicroDiT", "config": config, "preset": name},
-        "parameterization": {"name": "edm", "sigma_data": 0.9},
-        "defaults": defaults.__dict__,
-        "converted_from": {"kind": "micro-diffusion", "file": str(dit.resolve())},
-    }
-    (out / CONFIG_NAME).write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    return out
+    defaults = SamplingDefaults(height=size, width=size)  # its other defaults are micro_diffusion's settings
+    return write_pipeline_folder(
+        out, backbone_class="MicroDiT", backbone_config=config, backbone_state=state,
+        parameterization={"name": "edm", "sigma_data": 0.9}, defaults=defaults, text_encoder=text_encoder,
+        autoencoder=vae, backbone_preset=name,
+        extra={"converted_from": {"kind": "micro-diffusion", "file": str(dit.resolve())}})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,14 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     md.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
                     help=f"text encoder identifier (default: {DEFAULT_TEXT_ENCODER})")
     md.add_argument("--preset", default=None, help="MicroDiT preset (default: the one matching the checkpoint)")
+    md.add_argument("--overwrite", action="store_true",
+                    help="replace the pipeline already in --out (default: refuse a folder that is not empty)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = convert_micro_diffusion(args.dit, args.out, args.vae, args.text_encoder, args.preset)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"microdiff convert: {err}", file=sys.stderr)
-        return 2
+    """Bad input ends as one line on stderr (microdiff.cli), exit status 2."""
+    out = convert_micro_diffusion(args.dit, args.out, args.vae, args.text_encoder, args.preset, args.overwrite)
     print(f"wrote {out} ({CONFIG_NAME} + {WEIGHTS_NAME}); try: microdiff sample \"a photo of a cat\" --checkpoint {out}")
     return 0
 

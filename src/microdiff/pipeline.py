@@ -4,14 +4,19 @@
     images = pipe.generate(prompt=["a red circle"], num_inference_steps=30, guidance_scale=5.0, seed=42)
     pipe.to_pil(images)[0].save("red.png")
 
-A pipeline folder, readable without our code::
+A pipeline folder, readable without our code (the format: ``microdiff.encoders.pipeline_folder``)::
 
     pipeline.yaml            every part named: text encoder and autoencoder identifiers (see
                              microdiff.encoders), backbone class + config, parameterisation,
-                             sampling defaults (sampler, steps, guidance, sigma range, rho, size)
+                             sampling defaults (sampler, steps, guidance, sigma range, rho, size),
+                             and the content hash of every file beside it
     denoiser.safetensors     the backbone's weights
     text_encoder/            the text encoder's own folder (weights only for the trainable built-in)
     autoencoder/             our own trained autoencoder, copied in (pretrained ones are named by id)
+
+Loading is strict: every part pipeline.yaml names must exist, match its hash and load without
+missing, unexpected or reshaped weights, else one line names the file (nothing is ever sampled from
+freshly initialised weights).
 
 Determinism: image k of a call uses the generator seeded ``seed + k`` for its starting noise and
 for every stochastic step, so it does not depend on how many images are asked for or on
@@ -21,46 +26,22 @@ the same device and library versions; CPU and GPU results differ in the last bit
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import yaml
 
 from .diffusion import schedules
-from .diffusion.denoiser import PARAMETERIZATIONS, Denoiser, Parameterization
+from .diffusion.denoiser import Denoiser
 from .diffusion.guidance import GuidedDenoiser
 from .diffusion.rng import per_sample_generators, randn
-from .diffusion.samplers import STOCHASTIC, get_sampler
-from .utils.jsondata import json_data
-
-CONFIG_NAME = "pipeline.yaml"
-WEIGHTS_NAME = "denoiser.safetensors"
-FORMAT = "microdiff-pipeline"
-
-
-@dataclass
-class SamplingDefaults:
-    """What ``generate`` uses when a call does not say (micro_diffusion's values by default)."""
-
-    sampler: str = "heun"
-    num_inference_steps: int = 30
-    guidance_scale: float = 5.0
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    height: int = 256
-    width: int = 256
-    caption_mask: bool = False  # pass the text encoder's mask to the backbone (False: attend to all tokens)
-    caption_layout: str = "B1LC"  # "B1LC" (MicroDiT / micro_diffusion) or "BLC"
-    # Ambient Diffusion models (2C input channels): each image is sampled with fixed masks A~ kept with
-    # this probability (block x block squares), D averaged over mask_draws of them; None: no masks
-    truncate_sigma: float | None = None  # stop at this sigma and return x0_hat (models of data noisy there)
-    mask_keep_prob: float | None = None
-    mask_draws: int = 1
-    mask_block: int = 1
+from .diffusion.samplers import SAMPLERS, STOCHASTIC, get_sampler, sampler_options
+from .encoders.pipeline_folder import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, SamplingDefaults, load_parts,  # noqa: F401
+                                       parameterization_from_config, write_pipeline_folder)
+from .encoders.pipeline_folder import fingerprint as folder_fingerprint
+from .utils.checks import finite, whole
+from .utils.errors import UserError
 
 
 @dataclass
@@ -84,24 +65,6 @@ class ClipOptions:
         return image_targets(self.model, list(self.images))
 
 
-def _backbone_classes() -> dict[str, type]:
-    from .models import MicroDiT, MLPBackbone, UNet
-
-    return {cls.__name__: cls for cls in (MicroDiT, UNet, MLPBackbone)}
-
-
-def parameterization_from_config(cfg: dict[str, Any]) -> Parameterization:
-    cfg = dict(cfg)
-    name = cfg.pop("name")
-    if name == "eps" and cfg.pop("discrete", False):
-        raise ValueError("pipeline.yaml: a discrete-schedule eps model needs its DDPM schedule saved; "
-                         "this version supports continuous eps, v, x0 and EDM parameterisations")
-    cfg.pop("discrete", None)
-    if name not in PARAMETERIZATIONS:
-        raise ValueError(f"pipeline.yaml: unknown parameterization {name!r}; known: {', '.join(PARAMETERIZATIONS)}")
-    return PARAMETERIZATIONS[name](**cfg)
-
-
 class Pipeline:
     """``Pipeline(text_encoder, autoencoder, denoiser, defaults)``; see the module docstring."""
 
@@ -111,71 +74,32 @@ class Pipeline:
         self.denoiser = denoiser
         self.defaults = defaults or SamplingDefaults()
         self.decode_batch_size: int | None = None  # latents per autoencoder.decode call (None: a whole batch)
+        self.folder: Path | None = None  # the pipeline folder it was loaded from (from_pretrained)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        backbone = self.denoiser.backbone
-        state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME))
-        self.text_encoder.save(path / "text_encoder")
-        config = {
-            "format": FORMAT,
-            "version": 1,
-            "text_encoder": {"identifier": self.text_encoder.identifier, "folder": "text_encoder"},
-            "autoencoder": self._save_autoencoder(path),
-            "backbone": {"class": type(backbone).__name__, "config": json_data(backbone.config, "backbone.config")},
-            "parameterization": json_data(self.denoiser.parameterization.config(), "parameterization"),
-            "defaults": asdict(self.defaults),
-        }
-        (path / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
-    def _save_autoencoder(self, path: Path) -> dict[str, Any]:
-        identifier = self.autoencoder.identifier
-        scheme, _, rest = identifier.partition(":")
-        if scheme in ("microdiff-vae", "microdiff-vqgan"):  # our own: copy it in, so the folder travels
-            target = path / "autoencoder"
-            if Path(rest).resolve() != target.resolve():
-                shutil.copytree(rest, target, dirs_exist_ok=True)
-            return {"identifier": f"{scheme}:autoencoder", "relative": True}
-        return {"identifier": identifier, "relative": False}
+        """Write this pipeline as a folder (see the module docstring); returns the folder."""
+        backbone = getattr(self.denoiser.backbone, "_orig_mod", self.denoiser.backbone)  # torch.compile'd
+        return write_pipeline_folder(path, backbone_class=type(backbone).__name__, backbone_config=backbone.config,
+                                     backbone_state=backbone.state_dict(),
+                                     parameterization=self.denoiser.parameterization.config(),
+                                     defaults=self.defaults, text_encoder=self.text_encoder,
+                                     autoencoder=self.autoencoder.identifier)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> "Pipeline":
-        """Load a pipeline folder, or a Hugging Face hub repo holding one (cache / offline aware)."""
-        path = _resolve_pipeline_folder(path_or_id)
-        config_path = path / CONFIG_NAME
-        config = yaml.safe_load(config_path.read_text())
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: not a microdiff pipeline config (no 'format: {FORMAT}')")
-        from safetensors.torch import load_file
+        """Load a pipeline folder, or a Hugging Face hub repo holding one (cache / offline aware).
+        Strict: a missing, damaged or mismatched part is a one-line error naming its file."""
+        folder = _resolve_pipeline_folder(path_or_id)
+        pipe = cls(*load_parts(folder, device=device, dtype=dtype))
+        pipe.folder = folder
+        return pipe
 
-        from .encoders.image import load_autoencoder
-        from .encoders.text import load_text_encoder
-
-        text_cfg = config["text_encoder"]
-        folder = path / text_cfg.get("folder", "text_encoder")
-        text_encoder = load_text_encoder(folder if folder.is_dir() else text_cfg["identifier"], device=device)
-        ae_cfg = config["autoencoder"]
-        ae_id = ae_cfg["identifier"]
-        if ae_cfg.get("relative"):
-            scheme, _, rest = ae_id.partition(":")
-            ae_id = f"{scheme}:{(path / rest).resolve()}"
-        autoencoder = load_autoencoder(ae_id, device=device)
-        classes = _backbone_classes()
-        name = config["backbone"]["class"]
-        if name not in classes:
-            raise ValueError(f"{config_path}: unknown backbone class {name!r}; known: {', '.join(classes)}")
-        backbone = classes[name](**config["backbone"]["config"])
-        backbone.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
-        backbone = backbone.to(device=device, dtype=dtype).eval()
-        denoiser = Denoiser(backbone, parameterization_from_config(config["parameterization"]))
-        return cls(text_encoder, autoencoder, denoiser, SamplingDefaults(**config.get("defaults", {})))
+    def fingerprint(self) -> str | None:
+        """A content hash of the folder this pipeline was loaded from (None if it was built in memory):
+        outputs made from another fingerprint were made with other weights or defaults."""
+        return None if self.folder is None else folder_fingerprint(self.folder)
 
     def compile(self, cuda_graphs: bool = False, **options: Any) -> "Pipeline":
         """``torch.compile`` the backbone (pays off for many images at one size). A MicroDiT compiles as
@@ -213,10 +137,44 @@ class Pipeline:
             null["y_mask"] = torch.zeros_like(cond["y_mask"])
         return null
 
+    def check_options(self, num_inference_steps: int | None = None, sampler: str | None = None,
+                      eta: float | None = None, height: int | None = None, width: int | None = None,
+                      guidance_scale: float | None = None) -> dict[str, Any]:
+        """The settings a ``generate`` call with these arguments uses (None: the pipeline's default),
+        checked: a bad one is a one-line UserError naming the argument. Commands call it before they
+        write anything; ``generate`` calls it too."""
+        d = self.defaults
+        name = d.sampler if sampler is None else sampler
+        get_sampler(name)
+        if eta is not None:
+            eta = finite(eta, "eta", minimum=0.0)
+            if "eta" not in sampler_options(name):
+                with_eta = [k for k in SAMPLERS if "eta" in sampler_options(k)]
+                raise UserError(f"eta={eta:g}: the {name} sampler takes no eta; leave eta out, or use a sampler "
+                                f"that has one: {', '.join(with_eta)}")
+        checked = {"num_inference_steps": d.num_inference_steps if num_inference_steps is None
+                   else whole(num_inference_steps, "num_inference_steps"),
+                   "sampler": name, "eta": eta, "guidance_scale": self._guidance(guidance_scale),
+                   "height": d.height if height is None else whole(height, "height"),
+                   "width": d.width if width is None else whole(width, "width")}
+        if d.truncate_sigma is not None and not d.truncate_sigma < d.sigma_max:
+            raise UserError(f"truncate_sigma={d.truncate_sigma:g}: must be below the pipeline's sigma_max "
+                            f"{d.sigma_max:g} (0 or None: no truncation)")
+        _, h, w = self.latent_shape(checked["height"], checked["width"])
+        fixed = getattr(getattr(self.denoiser.backbone, "_orig_mod", self.denoiser.backbone), "input_hw", None)
+        if fixed is not None and tuple(fixed) != (h, w):
+            f = self.autoencoder.downsample
+            raise UserError(f"height x width {checked['height']}x{checked['width']}: this pipeline's backbone makes "
+                            f"{fixed[0] * f}x{fixed[1] * f} px images only (its positional table); leave the size out")
+        return checked
+
+    def _guidance(self, guidance_scale: float | None) -> float:
+        return self.defaults.guidance_scale if guidance_scale is None else finite(guidance_scale, "guidance_scale")
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.autoencoder.downsample
         if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of the autoencoder's downsampling {f}; "
+            raise UserError(f"height and width must be multiples of the autoencoder's downsampling {f}; "
                              f"got {height}x{width}")
         return self.autoencoder.latent_channels, height // f, width // f
 
@@ -232,7 +190,7 @@ class Pipeline:
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         negatives = _match_negatives(negative_prompt, len(prompts))
-        scale = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+        scale = self._guidance(guidance_scale)
 
         def guided(start: int, stop: int, denoiser) -> GuidedDenoiser:
             cond = self.encode_prompts(prompts[start:stop])
@@ -258,8 +216,10 @@ class Pipeline:
         (negative weights push away), all branches in one batched forward; image k uses seed + k."""
         if not prompts:
             raise ValueError("generate_weighted needs at least one (prompt, weight) pair")
-        texts, weights = [t for t, _ in prompts], [float(w) for _, w in prompts]
-        scale = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+        texts = [t for t, _ in prompts]
+        weights = [finite(w, f"weight of prompt {k} ({t!r})") for k, (t, w) in enumerate(prompts)]
+        num_images = whole(num_images, "num_images")
+        scale = self._guidance(guidance_scale)
 
         # every image shares the prompts: encode each once, then repeat it over a chunk
         conds = [self.encode_prompts([t]) for t in texts]
@@ -284,10 +244,11 @@ class Pipeline:
                 callback, batch_size: int, progress: bool, clip: ClipOptions | None = None,
                 targets: Callable[[int, int], list] | None = None) -> torch.Tensor:
         d = self.defaults
-        steps = steps or d.num_inference_steps
-        name = sampler or d.sampler
+        checked = self.check_options(steps, sampler, eta, height, width)
+        steps, name, eta = checked["num_inference_steps"], checked["sampler"], checked["eta"]
         sample = get_sampler(name)
-        shape = self.latent_shape(height or d.height, width or d.width)
+        batch_size = whole(batch_size, "batch_size")
+        shape = self.latent_shape(checked["height"], checked["width"])
         sigmas = schedules.karras(steps, d.sigma_min, d.sigma_max, d.rho, device=self.device, dtype=torch.float64)
         if d.truncate_sigma:
             sigmas = schedules.truncate(sigmas, d.truncate_sigma)
@@ -296,7 +257,7 @@ class Pipeline:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             gens = generators[start:stop]
-            options: dict[str, Any] = {} if eta is None else {"eta": float(eta)}
+            options: dict[str, Any] = {} if eta is None else {"eta": eta}
             if name in STOCHASTIC or options.get("eta"):
                 options["generator"] = gens
             x = randn((stop - start, *shape), gens, device=self.device, dtype=torch.float64) * sigmas[0]
@@ -360,9 +321,15 @@ def _resolve_pipeline_folder(path_or_id: str | Path) -> Path:
     path = Path(path_or_id)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; is this a pipeline folder (written by "
-                                    "Pipeline.save_pretrained or `microdiff convert`)?")
+            inner = path / "pipeline"
+            hint = (f"a training run keeps its pipeline in {inner}" if (inner / CONFIG_NAME).is_file() else
+                    "is this a pipeline folder (written by Pipeline.save_pretrained or `microdiff convert`)?")
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; {hint}")
         return path
+    if path.is_file():
+        hint = f"pass its folder, {path.parent}" if path.name == CONFIG_NAME else \
+            f"pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        raise FileNotFoundError(f"{path}: a file, not a pipeline folder; {hint}")
     if path.exists() or str(path_or_id).startswith((".", "/")) or str(path_or_id).count("/") != 1:
         raise FileNotFoundError(f"{path_or_id}: no such pipeline folder (a folder with {CONFIG_NAME}, "
                                 "or a Hugging Face repo id like owner/name)")

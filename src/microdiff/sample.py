@@ -4,154 +4,310 @@
     microdiff sample "a red circle:1" "blurry:-0.3" --checkpoint runs/shapes/pipeline \\
         --sampler heun --steps 30 --cfg 5 --seed 0 -n 16 --batch-size 8 --out samples --grid
 
-Prompts are ``text`` or ``text:weight`` (negative weights push away); every image uses the same
-mix, image k the seed ``seed + k``. Writes ``00000.png`` ... with the settings in PNG text chunks,
-``samples.jsonl`` (one line per image) and, with ``--grid``, ``grid.png``.
+Prompts are TEXT or TEXT:WEIGHT (negative weights push away); every image uses the same mix,
+image k the seed seed + k. A weight is a trailing :NUMBER, a plain signed decimal (0.5, -1),
+directly after the colon, after text that does not end in a digit: "a clock showing 10:30",
+"ratio 16:9" and "time: 5" stay text. "photo 2 :0.5" gives "photo 2" the weight 0.5; \\: is a
+literal colon ("example.com\\:8080"). ":nan", ":inf", ":1e3" and a weight with no text are refused.
+--images take the same PATH[:WEIGHT] form.
+
+Writes 00000.png ... with the settings in PNG text chunks, samples.jsonl (one line per image) and,
+with --grid, grid.png. Nothing is overwritten silently: every image carries a hash of everything
+that made it (prompts, negative prompt, seed, sampler, steps, cfg, eta, size, dtype, CLIP options,
+the image prompts' and the checkpoint's content). A rerun into the same --out with the same
+settings keeps the images that are there and makes only the missing ones (e.g. a larger -n, or the
+rest of a killed run). A folder holding images made with other settings is refused (pass another
+--out, or --overwrite to replace those images); one holding files that sample did not write is
+always refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import sys
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 from .clip_guidance import add_arguments as add_clip_arguments
+from .prompts import format_weighted, parse_weighted
+from .utils.checks import finite, whole
+from .utils.devices import backbone_dtype, resolve_device
+from .utils.errors import UserError
+from .utils.files import output_folder, write_png_atomic, write_text_atomic
 from .utils.grids import image_grid
-from .clip_guidance import parse_weighted as parse_prompt  # "text:weight" -> (text, weight), one rule for both
+from .utils.weights import path_digest
 
+parse_prompt = parse_weighted  # "text:weight" -> (text, weight): one grammar for text and image prompts
+LOG_NAME = "samples.jsonl"
+GRID_NAME = "grid.png"
+IMAGE_NAME = re.compile(r"(\d{5,})\.png")
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta", "checkpoint", "clip_model",
-            "clip_guidance_scale", "images")
-
-
-def pick_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+            "clip_guidance_scale", "images", "settings")
+# what an image depends on besides its seed; paths are left out (their content is in *_hash)
+HASHED = ("prompts", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta", "truncate_sigma", "height",
+          "width", "dtype", "checkpoint_hash", "clip_model_hash", "clip_guidance_scale", "cutn", "cut_pow",
+          "image_hashes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", help="prompts as 'text' or 'text:weight' (negative weights push away)")
+    parser.description = (parser.description or "") + "\n\n" + __doc__.split("\n\n", 2)[2]
+    parser.add_argument("prompts", nargs="+", help="prompts as TEXT or TEXT:WEIGHT (negative weights push away; "
+                        "see above for when a colon is a weight)")
     parser.add_argument("--checkpoint", required=True, help="pipeline folder (Pipeline.save_pretrained) or hub id")
     parser.add_argument("--negative-prompt", default=None, help="replaces the empty caption as the guidance baseline")
     parser.add_argument("--sampler", default=None, help="euler, euler_ancestral, heun, ddim, dpmpp_2m, ... "
                         "(default: the pipeline's)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps, >= 1 (default: the pipeline's)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (ddim sampler; 1 = ancestral)")
+    parser.add_argument("--eta", type=float, default=None, help="noise of the samplers that have it (ddim: 1 = "
+                        "ancestral; euler_ancestral, dpmpp_3m_sde); refused for the others")
     parser.add_argument("--truncate-sigma", type=float, default=None,
                         help="stop at this sigma and return the denoiser's x0 estimate (models trained on data "
-                             "noisy at that level; default: the pipeline's, usually off)")
+                             "noisy at that level; 0: off; default: the pipeline's, usually off)")
     parser.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default: 0)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to make (default: 1)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default: 8)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is a GPU, else cpu), cpu, cuda, "
+                        "cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", help="backbone weights dtype: auto (bfloat16 on cuda, float32 "
+                        "elsewhere), float32, bfloat16, float16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone first")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --compile on a GPU: replay each denoiser call as a CUDA graph")
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="latents per autoencoder decode call (default: the whole batch; lower it at 512 px)")
-    parser.add_argument("--out", default="samples", help="output folder (default: samples)")
+    parser.add_argument("--out", default="samples", help="output folder (default: samples); a rerun with the same "
+                        "settings adds only the missing images, other settings are refused")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the images of an earlier `microdiff sample` run with other settings in --out "
+                             "(files that sample did not write are never touched: that is refused)")
     parser.add_argument("--grid", action="store_true", help="also write grid.png")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_clip_arguments(parser)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks of the options, before anything is loaded (one line naming the option)."""
+    n = whole(args.num_images, "-n/--num-images")
+    if not -2**63 <= args.seed <= 2**63 - 1 - n:
+        raise UserError(f"--seed={args.seed}: out of range; image k uses seed + k, which must stay within "
+                        f"[-2^63, 2^63 - 1]")
+    whole(args.batch_size, "--batch-size")
+    for flag, value in (("--steps", args.steps), ("--size", args.size), ("--decode-batch", args.decode_batch)):
+        if value is not None:
+            whole(value, flag)
+    if args.cfg is not None:
+        finite(args.cfg, "--cfg")
+    if args.eta is not None:
+        finite(args.eta, "--eta", minimum=0.0)
+    if args.truncate_sigma is not None:
+        finite(args.truncate_sigma, "--truncate-sigma", minimum=0.0)
+    finite(args.clip_guidance_scale, "--clip-guidance-scale")
+    whole(args.cutn, "--cutn")
+    finite(args.cut_pow, "--cut-pow", positive=True)
+    if args.images and not args.clip_model:
+        raise UserError("--images needs --clip-model (image prompts steer through CLIP guidance)")
+    if args.cuda_graphs and not args.compile:
+        raise UserError("--cuda-graphs works through torch.compile: add --compile")
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A short content hash of what makes the images (``HASHED``), stored in every PNG and log line."""
+    payload = json.dumps({k: settings.get(k) for k in HASHED}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _png_settings(path: Path) -> str | None:
+    """The settings hash a PNG of ours carries; "" for one of ours from before hashes (a microdiff
+    text chunk but no hash); None for a file that is not ours (or cannot be read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            info = dict(img.info)
+    except (OSError, UnidentifiedImageError):
+        return None
+    if not any(str(k).startswith("microdiff:") for k in info):
+        return None
+    return str(info.get("microdiff:settings", ""))
+
+
+def _our_log(path: Path) -> bool:
+    """Whether a samples.jsonl is one that sample wrote (every line a record with file, prompt, sampler)."""
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return all(isinstance(r, dict) and {"file", "prompt", "sampler"} <= set(r) for r in records)
+
+
+def _old_settings(out: Path) -> dict[str, Any]:
+    """The settings of the first line of an earlier samples.jsonl (for saying what changed)."""
+    try:
+        first = (out / LOG_NAME).read_text(encoding="utf-8").splitlines()[0]
+        record = json.loads(first)
+        if isinstance(record, dict) and isinstance(record.get("seed"), int) and IMAGE_NAME.fullmatch(str(record.get("file"))):
+            record["seed"] -= int(IMAGE_NAME.fullmatch(record["file"]).group(1))  # the run's seed, not the image's
+        return record if isinstance(record, dict) else {}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def plan_output(out: Path, settings: dict[str, Any], overwrite: bool) -> set[int]:
+    """Check what ``out`` already holds and return the indices of the images there that were made with
+    these settings (they are kept). Files that sample did not write: refused. Images of other
+    settings: refused, or with ``overwrite`` removed (with the old log and grid)."""
+    digest = settings["settings"]
+    same: set[int] = set()
+    other: list[Path] = []
+    foreign: list[str] = []
+    for entry in sorted(out.iterdir()) if out.is_dir() else []:
+        if entry.name.startswith("."):  # our temporary files, .DS_Store and the like
+            continue
+        match = IMAGE_NAME.fullmatch(entry.name)
+        if entry.name == LOG_NAME and entry.is_file():
+            if not _our_log(entry):
+                foreign.append(entry.name)
+            continue  # ours: rewritten from the images that stay
+        if entry.is_file() and (match or entry.name == GRID_NAME):
+            tag = _png_settings(entry)
+            if tag is None:
+                foreign.append(entry.name)
+            elif tag != digest:
+                other.append(entry)
+            elif match:
+                same.add(int(match.group(1)))
+            continue
+        foreign.append(entry.name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out}: holds files that microdiff sample did not write ({shown}); pass another "
+                        "--out (nothing was changed)")
+    if other and not overwrite:
+        old = _old_settings(out)
+        changed = [k for k in HASHED if k in old and old.get(k) != settings.get(k)]
+        what = f"changed: {', '.join(changed)}" if changed else "other settings"
+        images = sum(1 for p in other if p.name != GRID_NAME)
+        raise UserError(f"--out {out}: holds {images} image(s) made with other settings ({what}); pass another "
+                        "--out, or --overwrite to replace them")
+    for path in other:
+        path.unlink()
+    if other:
+        (out / LOG_NAME).unlink(missing_ok=True)
+    return same
+
+
+def _content_hashes(args: argparse.Namespace, images: list[tuple[str, float]]) -> dict[str, Any]:
+    clip_hash = None
+    if args.clip_model:
+        folder = Path(os.path.expanduser(args.clip_model))
+        clip_hash = path_digest(folder) if folder.is_dir() else f"id:{args.clip_model}"
+    return {"clip_model_hash": clip_hash,
+            "image_hashes": [[path_digest(p) if Path(p).is_file() else None, w] for p, w in images] or None}
+
+
+# ----------------------------------------------------------------------------- the command
+
 def run(args: argparse.Namespace) -> int:
+    """Bad input ends as one line on stderr (microdiff.cli): exit status 2."""
     import torch
-    from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
-    from .pipeline import Pipeline
+    from .pipeline import ClipOptions, Pipeline
 
-    prompts = [parse_prompt(p) for p in args.prompts]
-    device = pick_device(args.device)
-    try:
-        from .encoders.image import resolve_dtype
-
-        auto = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        dtype = auto if args.dtype == "auto" else resolve_dtype(args.dtype)
-        pipe = Pipeline.from_pretrained(args.checkpoint, device=device, dtype=dtype)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        print(f"microdiff sample: {err}", file=sys.stderr)
-        return 2
+    prompts = [parse_weighted(p) for p in args.prompts]
+    image_prompts = [parse_weighted(p, "image prompt") for p in args.images]
+    check_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder; pass a folder to write the images into")
+    device = resolve_device(args.device, "--device")
+    dtype = backbone_dtype(args.dtype, device, "--dtype")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device (--device is {device}); leave it out")
+    pipe = Pipeline.from_pretrained(args.checkpoint, device=device, dtype=dtype)
     clip = None
-    if args.images and not args.clip_model:
-        print("microdiff sample: --images needs --clip-model (image prompts steer through CLIP guidance)",
-              file=sys.stderr)
-        return 2
     if args.clip_model:
         from .clip_guidance import load_clip
-        from .pipeline import ClipOptions
 
-        try:
-            model = load_clip(args.clip_model, device=device)
-            images = [parse_prompt(p) for p in args.images]
-            clip = ClipOptions(model, args.clip_guidance_scale, images, args.cutn, args.cut_pow)
-            clip.image_targets()  # read the image prompts now: a bad path fails before sampling
-        except (FileNotFoundError, OSError, ValueError) as err:
-            print(f"microdiff sample: {err}", file=sys.stderr)
-            return 2
+        model = load_clip(args.clip_model, device=device)
+        clip = ClipOptions(model, args.clip_guidance_scale, image_prompts, args.cutn, args.cut_pow)
+        clip.image_targets()  # read the image prompts now: a bad path fails before sampling
     if args.truncate_sigma is not None:
         pipe.defaults.truncate_sigma = args.truncate_sigma or None
-    if args.cuda_graphs and not args.compile:
-        print("microdiff sample: --cuda-graphs works through torch.compile: add --compile", file=sys.stderr)
-        return 2
-    if args.decode_batch is not None and args.decode_batch < 1:
-        print(f"microdiff sample: --decode-batch={args.decode_batch}: must be at least 1", file=sys.stderr)
-        return 2
     pipe.decode_batch_size = args.decode_batch
-    if args.compile:
-        pipe.compile(cuda_graphs=args.cuda_graphs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    d = pipe.defaults
     size = {"height": args.size, "width": args.size} if args.size else {}
-    settings = {"sampler": args.sampler or pipe.defaults.sampler, "steps": args.steps or pipe.defaults.num_inference_steps,
-                "cfg": pipe.defaults.guidance_scale if args.cfg is None else args.cfg, "eta": args.eta,
-                "truncate_sigma": pipe.defaults.truncate_sigma, "checkpoint": str(args.checkpoint),
-                "clip_model": args.clip_model,
+    settings = {"prompts": [[t, w] for t, w in prompts], "negative_prompt": args.negative_prompt, "seed": args.seed,
+                "sampler": args.sampler or d.sampler, "steps": args.steps or d.num_inference_steps,
+                "cfg": d.guidance_scale if args.cfg is None else args.cfg, "eta": args.eta,
+                "truncate_sigma": d.truncate_sigma, "height": args.size or d.height, "width": args.size or d.width,
+                "dtype": str(dtype).replace("torch.", ""), "checkpoint": str(args.checkpoint),
+                "checkpoint_hash": pipe.fingerprint(), "clip_model": args.clip_model,
                 "clip_guidance_scale": args.clip_guidance_scale if args.clip_model else None,
-                "images": " | ".join(args.images) or None}
-    prompt_text = " | ".join(f"{t}:{w:g}" for t, w in prompts)
-    images = []
-    bar = tqdm(total=args.num_images, unit="img", disable=args.no_progress, desc="sample")
+                "cutn": args.cutn if args.clip_model else None, "cut_pow": args.cut_pow if args.clip_model else None,
+                "images": " | ".join(args.images) or None, **_content_hashes(args, image_prompts)}
+    settings["settings"] = settings_hash(settings)
+    pipe.check_options(args.steps, args.sampler, args.eta, args.size, args.size, args.cfg)  # before any file
+    output_folder(out, "--out")
+    kept = plan_output(out, settings, args.overwrite)
+    todo = [k for k in range(args.num_images) if k not in kept]
+    if todo and args.compile:
+        pipe.compile(cuda_graphs=args.cuda_graphs)
+    prompt_text = format_weighted(prompts)
+
+    def record(k: int) -> dict[str, Any]:
+        return {"file": f"{k:05d}.png", "prompt": prompt_text, **settings, "seed": args.seed + k}
+
+    def write_log(indices: set[int]) -> None:
+        write_text_atomic(out / LOG_NAME, "".join(json.dumps(record(k)) + "\n" for k in sorted(indices)))
+
+    done = set(kept)
+    bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, desc="sample")
     try:
-        for start in range(0, args.num_images, args.batch_size):
-            n = min(args.batch_size, args.num_images - start)
-            batch = pipe.generate_weighted(prompts, num_images=n, negative_prompt=args.negative_prompt,
+        for run_start, run_stop in _runs(todo, args.batch_size):
+            batch = pipe.generate_weighted(prompts, num_images=run_stop - run_start,
+                                           negative_prompt=args.negative_prompt,
                                            num_inference_steps=settings["steps"], guidance_scale=settings["cfg"],
-                                           sampler=settings["sampler"], seed=args.seed + start, eta=args.eta,
+                                           sampler=settings["sampler"], seed=args.seed + run_start, eta=args.eta,
                                            batch_size=args.batch_size, clip=clip, **size)
-            images += Pipeline.to_pil(batch)
-            bar.update(n)
+            for k, img in zip(range(run_start, run_stop), Pipeline.to_pil(batch)):
+                rec = record(k)
+                write_png_atomic(img, out / rec["file"], {key: rec[key] for key in PNG_KEYS})
+                done.add(k)
+            write_log(done)  # after every batch: a killed run's images are listed
+            bar.update(run_stop - run_start)
     except torch.cuda.OutOfMemoryError:
-        print(f"microdiff sample: out of GPU memory at --batch-size {args.batch_size}; try a smaller --batch-size",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"out of GPU memory at --batch-size {args.batch_size}; try a smaller --batch-size") from None
     finally:
         bar.close()
-    with open(out / "samples.jsonl", "w") as log:
-        for k, img in enumerate(images):
-            record = {"file": f"{k:05d}.png", "prompt": prompt_text, "negative_prompt": args.negative_prompt,
-                      "seed": args.seed + k, **settings}
-            info = PngInfo()
-            for key in PNG_KEYS:
-                info.add_text(f"microdiff:{key}", str(record[key]))
-            img.save(out / record["file"], pnginfo=info)
-            log.write(json.dumps(record) + "\n")
+    if not todo:
+        write_log(done)
     if args.grid:
-        image_grid(images).save(out / "grid.png")
-    print(f"wrote {len(images)} images to {out}" + (" (+ grid.png)" if args.grid else "") + " and samples.jsonl")
+        from PIL import Image
+
+        grid = image_grid([Image.open(out / f"{k:05d}.png").convert("RGB") for k in range(args.num_images)])
+        write_png_atomic(grid, out / GRID_NAME, {"settings": settings["settings"], "prompt": prompt_text})
+    kept_note = f", kept {len(kept & set(range(args.num_images)))} made earlier with the same settings" if kept else ""
+    print(f"wrote {len(todo)} images to {out}{kept_note}" + (" (+ grid.png)" if args.grid else "") + f" and {LOG_NAME}")
     return 0
 
 
-__all__ = ["parse_prompt", "pick_device", "image_grid", "add_arguments", "run"]
+def _runs(indices: list[int], batch_size: int) -> list[tuple[int, int]]:
+    """Consecutive indices cut into [start, stop) pieces of at most ``batch_size`` (image k keeps seed + k)."""
+    runs: list[tuple[int, int]] = []
+    for k in indices:
+        if runs and runs[-1][1] == k and runs[-1][1] - runs[-1][0] < batch_size:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
+__all__ = ["parse_prompt", "settings_hash", "plan_output", "check_args", "image_grid", "add_arguments", "run"]

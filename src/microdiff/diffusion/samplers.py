@@ -12,6 +12,7 @@ pass float64 noise for a float64 trajectory.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -234,6 +235,19 @@ def get_sampler(name: str) -> Callable:
     return lookup(SAMPLERS, name, "sampler")
 
 
+def sampler_options(name: str) -> tuple[str, ...]:
+    """The keyword options a sampler takes besides the calling convention (``eta``, ``s_churn``,
+    ``generator``, ...), read from its signature, so an option it does not take can be refused."""
+    params = inspect.signature(get_sampler(name)).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("extra_args", "callback",
+                                                                                         "disable"))
+
+
+def samplers_with(option: str) -> list[str]:
+    """The registered samplers that take ``option`` (for error messages)."""
+    return [name for name in SAMPLERS if option in sampler_options(name)]
+
+
 def denoiser_calls(name: str, n_steps: int) -> int:
     """Denoiser evaluations a sampler makes for an n-step grid ending in 0 (without churn)."""
     get_sampler(name)
@@ -241,5 +255,6 @@ def denoiser_calls(name: str, n_steps: int) -> int:
 
 
 __all__ = [n for n in dir() if n.startswith("sample_")] + [
-    "SAMPLERS", "STOCHASTIC", "get_sampler", "denoiser_calls", "to_d", "ancestral_step",
+    "SAMPLERS", "STOCHASTIC", "get_sampler", "sampler_options", "samplers_with", "denoiser_calls", "to_d",
+    "ancestral_step",
 ]

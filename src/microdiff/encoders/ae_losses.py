@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.weights import load_strict, read_safetensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's VGG16 ``features``: conv widths, "M" = max-pool; LPIPS taps relu1_2 ... relu5_3
@@ -179,9 +181,7 @@ def load_vgg16_features(path: str | Path) -> nn.Sequential:
         raise FileNotFoundError(f"{path}: perceptual weights not found; save a VGG16 state dict there "
                                 "(see microdiff.encoders.ae_losses.load_vgg16_features)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = read_safetensors(path, "perceptual weights file")  # truncated or damaged: one line
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
@@ -193,7 +193,8 @@ def load_vgg16_features(path: str | Path) -> nn.Sequential:
         missing = sorted(expected - set(state), key=lambda k: int(k.split(".")[0]))
         raise ValueError(f"{path}: not a VGG16 features state dict; missing {missing[:4]}"
                          f"{' ...' if len(missing) > 4 else ''} (expected torchvision's features.N.weight/bias)")
-    net.load_state_dict({k: state[k] for k in expected})
+    load_strict(net, {k: state[k] for k in expected}, path, what="VGG16 features",
+                fix="expected torchvision's VGG16 features.N.weight/bias")
     return net[: int(VGG16_LPIPS_LAYERS[-1]) + 1]
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.errors import UserError
+from ..utils.weights import load_strict, read_safetensors
 from .vae import AutoencoderConfig, ConvAutoencoder, KLAutoencoder
 from .vqgan import VQAutoencoder, VQConfig
 
@@ -64,8 +66,6 @@ def load_trained_autoencoder(folder: str | Path, device: str | torch.device = "c
     """The autoencoder saved in ``folder`` by :func:`save_autoencoder`, in eval mode on ``device``,
     with gradients off. ``sample``: a KL autoencoder's ``encode`` draws from the posterior instead
     of returning its mean. ``clamp``: ``decode`` clamps images to [-1, 1]."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such autoencoder folder (expected the output of "
@@ -77,28 +77,25 @@ def load_trained_autoencoder(folder: str | Path, device: str | torch.device = "c
         raise FileNotFoundError(f"{weights_path}: missing; the training run did not finish saving, "
                                 "rerun it (it resumes from its checkpoint)")
     try:
-        saved = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(saved, dict) or saved.get("kind") not in KINDS or not isinstance(saved.get("config"), dict):
         raise ValueError(f"{config_path}: field 'kind' must be one of {list(KINDS)} and 'config' an object; "
                          f"got kind={saved.get('kind') if isinstance(saved, dict) else None!r}")
-    if saved.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+    if not isinstance(saved.get("format", FORMAT_VERSION), int) or saved.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise ValueError(f"{config_path}: format {saved['format']} is newer than this microdiff reads "
                          f"({FORMAT_VERSION}); upgrade microdiff")
     arch = dict(saved["config"])
     arch.update({k: float(saved[k]) for k in ("scale", "shift") if k in saved})  # top level wins
-    model = build_autoencoder(saved["kind"], arch)
-    state = load_file(str(weights_path))
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: weights do not match config.json "
-                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        reason = str(err).splitlines()[-1].strip()
-        raise ValueError(f"{weights_path}: weights do not match config.json ({reason})") from None
+        model = build_autoencoder(saved["kind"], arch)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{config_path}: 'config' does not describe a {saved['kind']} autoencoder ({err}); "
+                        "save it again with save_autoencoder") from None
+    load_strict(model, read_safetensors(weights_path, "autoencoder weights file"), weights_path,
+                what=f"{CONFIG_NAME} (a {saved['kind']} autoencoder)",
+                fix="the file belongs to another autoencoder; save it again with save_autoencoder")
     if sample and saved["kind"] != "vae":
         raise ValueError(f"{folder}: sample=True needs a KL autoencoder (kind 'vae'); this one is {saved['kind']!r}")
     model.sample_posterior, model.clamp = bool(sample), bool(clamp)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.errors import UserError
+from ..utils.weights import load_strict, read_safetensors
 from .base import TextEncoding
 from .text_common import (CHECKPOINT_KEY, CONFIG_FILE, WEIGHTS_FILE, _count_truncation, _save_config,
                           check_captions, masked_mean)
@@ -150,18 +152,28 @@ class BuiltinTextEncoder(nn.Module):
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> "BuiltinTextEncoder":
-        from safetensors.torch import load_file
-
+        """The encoder ``save`` wrote; a missing, damaged or mismatched file is one line naming it."""
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: a built-in text encoder folder holds "
                                         f"{CONFIG_FILE} and {WEIGHTS_FILE}, as BuiltinTextEncoder.save writes them")
-        config = json.loads((directory / CONFIG_FILE).read_text()).get("config")
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("config")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise UserError(f"{directory / CONFIG_FILE}: not a JSON object ({err}); re-save the encoder with "
+                            ".save()") from None
         if not isinstance(config, dict):
             raise ValueError(f"{directory / CONFIG_FILE}: no 'config' object; re-save the encoder with .save()")
-        encoder = cls(**config)
-        encoder.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        try:
+            encoder = cls(**config)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{directory / CONFIG_FILE}: 'config' does not describe a built-in text encoder "
+                            f"({err}); re-save the encoder with .save()") from None
+        weights = directory / WEIGHTS_FILE
+        load_strict(encoder, read_safetensors(weights, "text encoder weights file"), weights,
+                    what=CONFIG_FILE,
+                    fix="the file belongs to another encoder; re-save it with .save()")
         return encoder.to(device=device, dtype=dtype)
 
 

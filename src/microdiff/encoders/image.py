@@ -275,26 +275,31 @@ def _looks_like_path(source: str) -> bool:
 def _load_diffusers(cls_name: str, scheme: str, source: str, subfolder: str | None,
                     dtype: torch.dtype) -> tuple[nn.Module, str]:
     """Load diffusers class ``cls_name`` from a local folder or a hub id; returns (model, source),
-    where a local source is made absolute."""
+    where a local source is made absolute. Strict: weights that miss some of the model's tensors or
+    hold them in other shapes are refused (diffusers would initialise those at random with a warning)."""
     import diffusers
 
     cls = getattr(diffusers, cls_name)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "subfolder": subfolder}
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "subfolder": subfolder, "output_loading_info": True}
     if importlib.util.find_spec("accelerate") is None:
         kwargs["low_cpu_mem_usage"] = False  # otherwise diffusers warns on every load
     folder = Path(source).expanduser()
     if folder.exists() or _looks_like_path(source):
         folder = folder.resolve()
         _check_folder(folder, subfolder, cls_name, scheme)
+        where = folder / subfolder if subfolder else folder
         try:
-            return cls.from_pretrained(str(folder), **kwargs), folder.as_posix()
-        except (OSError, ValueError) as err:
-            where = folder / subfolder if subfolder else folder
+            model, info = _quiet_diffusers(cls.from_pretrained, str(folder), **kwargs)
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, a damaged file's SafetensorError
+            if not isinstance(err, (OSError, ValueError)) and "safetensors" not in type(err).__module__:
+                raise
             raise ValueError(f"{where}: cannot load a diffusers {cls_name}: {_first_line(err)}") from None
+        return _strict(model, info, f"{scheme}:{where}"), folder.as_posix()
     try:
         with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            return cls.from_pretrained(source, **kwargs), source
+            model, info = _quiet_diffusers(cls.from_pretrained, source, **kwargs)
+            return _strict(model, info, f"{scheme}:{source}"), source
     except OSError as err:
         from huggingface_hub import constants
 
@@ -305,6 +310,32 @@ def _load_diffusers(cls_name: str, scheme: str, source: str, subfolder: str | No
                           "folder") from None
         raise OSError(f"{scheme}:{source}: could not load {source!r} from the Hugging Face hub "
                       f"({_first_line(err)}); check the id and your connection, or pass a local folder") from None
+
+
+def _quiet_diffusers(load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``load(...)`` with diffusers' own missing-weights warnings silenced (``_strict`` reports them)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _strict(model: nn.Module, info: dict[str, Any], where: str) -> nn.Module:
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [k if isinstance(k, str) else k[0] for k in (info.get("mismatched_keys") or [])]
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing or mismatched or unexpected:
+        problem = ", ".join(p for p in (
+            f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+            f"{len(mismatched)} of another shape (first: {mismatched[0]})" if mismatched else "",
+            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "") if p)
+        raise ValueError(f"{where}: the weights do not fit the autoencoder its config.json describes ({problem}); "
+                         "diffusers would initialise them at random: download or save the model again")
+    return model
 
 
 def _check_folder(folder: Path, subfolder: str | None, cls_name: str, scheme: str) -> None:

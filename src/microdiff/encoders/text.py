@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.errors import UserError
+from ..utils.weights import load_strict
 from .base import TextEncoding
 from .builtin import BUILTIN_DEFAULTS, BuiltinTextEncoder, TextBlock, builtin_identifier, parse_builtin  # noqa: F401
 from .text_common import (CHECKPOINT_KEY, CONFIG_FILE, WEIGHTS_FILE, _count_truncation,  # noqa: F401
@@ -106,7 +108,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _hf_load(loader: Callable[..., Any], path: str, identifier: str, what: str, **kwargs: Any) -> Any:
-    """``loader(path, **kwargs)`` with a one-line error for what cannot be found."""
+    """``loader(path, **kwargs)`` with a one-line error for what cannot be found or read."""
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -121,6 +123,38 @@ def _hf_load(loader: Callable[..., Any], path: str, identifier: str, what: str, 
             f"{identifier}: {path!r} is not a local folder and its {what} is not in the local Hugging Face cache "
             f"({where}); download it where there is internet (hf download {path} --local-dir <folder>) and pass the "
             "local folder instead of the hub id") from err
+    except Exception as err:  # noqa: BLE001 - a damaged weights file (SafetensorError) or mismatched sizes
+        if "safetensors" not in type(err).__module__ and "mismatch" not in str(err).lower():
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{identifier}: the {what} in {path} cannot be read ({reason}); the files are truncated, "
+                        "damaged or of another model: download or save them again") from None
+
+
+def hf_load_weights(loader: Callable[..., Any], path: str, identifier: str, *, wrap: Callable[..., Any] | None = None,
+                    **kwargs: Any) -> Any:
+    """``loader(path, output_loading_info=True, **kwargs)`` (a transformers ``from_pretrained``), refusing
+    weights files that miss some of the model's weights or hold them in other shapes: transformers would
+    initialise those at random with only a warning. Extra weights (a full CLIP's vision tower when only
+    the text tower is loaded) are fine. Its load report is silenced: a problem is one line. ``wrap``: the
+    caller's ``(loader, path, identifier, what, **kwargs)`` error wrapper (default: ours)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = (wrap or _hf_load)(loader, path, identifier, "weights", output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [k if isinstance(k, str) else k[0] for k in (info.get("mismatched_keys") or [])]
+    if missing or mismatched:
+        problem = ", ".join(p for p in (f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+                                        f"{len(mismatched)} of another shape (first: {mismatched[0]})"
+                                        if mismatched else "") if p)
+        raise UserError(f"{identifier}: the weights in {path} do not fit the model its config describes ({problem}); "
+                        "transformers would initialise them at random: download or save the model again")
+    return model
 
 
 class HFTextEncoder:
@@ -163,7 +197,7 @@ class HFTextEncoder:
         cls = {"clip": transformers.CLIPTextModel, "t5": transformers.T5EncoderModel,
                "auto": transformers.AutoModel}[family]
         dtype = dtype or torch.float32
-        self.model = _hf_load(cls.from_pretrained, path, ident, "weights", dtype=dtype, **sub)
+        self.model = hf_load_weights(cls.from_pretrained, path, ident, dtype=dtype, **sub)
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = _hf_load(transformers.AutoTokenizer.from_pretrained, path, ident, "tokenizer", **tok_sub)
 
@@ -388,13 +422,18 @@ def load_text_encoder(identifier: str | os.PathLike, device: str | torch.device 
 
 
 def _load_saved(directory: Path, device, dtype, padding: str) -> Any:
-    payload = json.loads((directory / CONFIG_FILE).read_text())
-    if (directory / WEIGHTS_FILE).is_file():
+    config_path = directory / CONFIG_FILE
+    try:
+        payload = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_path}: not valid JSON ({err}); re-save the encoder with .save()") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("identifier"), str):
+        raise UserError(f"{config_path} has no 'identifier'; re-save the encoder with .save()")
+    trained = payload.get("kind") == "builtin" or payload["identifier"].startswith("builtin")
+    if trained or (directory / WEIGHTS_FILE).is_file():  # a built-in encoder: its weights must be there
         encoder = BuiltinTextEncoder.load(directory, device=device, dtype=dtype)
         encoder.padding = padding
         return encoder
-    if "identifier" not in payload:
-        raise ValueError(f"{directory / CONFIG_FILE} has no 'identifier'; re-save the encoder with .save()")
     return load_text_encoder(payload["identifier"], device=device, dtype=dtype, padding=padding)
 
 
@@ -423,7 +462,8 @@ def text_encoder_from_state(tensors: dict[str, torch.Tensor], metadata: dict[str
         if not state:
             raise ValueError(f"the checkpoint names the trainable {identifier} but holds no tensors under "
                              f"{prefix!r}; save it with text_encoder_state(encoder, prefix={prefix!r})")
-        encoder.load_state_dict(state, strict=True)
+        load_strict(encoder, state, "the checkpoint", what=f"the text encoder {identifier}",
+                    fix=f"save it with text_encoder_state(encoder, prefix={prefix!r}) from the same encoder")
     return encoder
 
 

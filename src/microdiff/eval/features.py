@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..encoders.text import hf_load_weights
 from .images import as_image_batch
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of EDM2's FD-DINOv2
@@ -401,7 +402,8 @@ def _load_dinov2(arg: str, device: str | torch.device = "cpu") -> Dinov2Features
     if any(k in config.model_type for k in ("clip", "siglip")):
         raise ValueError(f"{name} is a {config.model_type!r} model; use clip:{name.split(':', 1)[1]} for CLIP "
                          "image features")
-    model = _hf_load(transformers.AutoModel.from_pretrained, path, name, "weights", dtype=torch.float32)
+    model = hf_load_weights(transformers.AutoModel.from_pretrained, path, name, wrap=_hf_load,
+                            dtype=torch.float32)  # strict
     proc = _processor(path, name)
     crop = getattr(proc, "crop_size", None) or proc.size
     size = (_size(crop, "height"), _size(crop, "width"))
@@ -417,7 +419,8 @@ def _load_clip(arg: str, device: str | torch.device = "cpu") -> ClipFeatures:
     import transformers
 
     path, name = _hf_source("clip", arg, DEFAULT_CLIP)
-    model = _hf_load(transformers.CLIPModel.from_pretrained, path, name, "weights", dtype=torch.float32)
+    model = hf_load_weights(transformers.CLIPModel.from_pretrained, path, name, wrap=_hf_load,
+                            dtype=torch.float32)  # strict
     proc = _processor(path, name)
     edge = _size(proc.size, "shortest_edge")
     resize = edge if edge is not None else (_size(proc.size, "height"), _size(proc.size, "width"))

@@ -19,8 +19,14 @@ Output folder:
   index.csv                 id, seed, prompt, file (file name inside images/)
   generate.json             the settings the images were made with: a rerun with other settings refuses
 
-Resumable: images that exist are skipped (and counted); each PNG is written to a hidden temporary file
-and renamed, so a killed run never leaves a half-written image.
+Resumable: an image that exists is kept (and counted) when it was made from the same prompt text
+and noise seed with the same settings, as its PNG text chunks say; one whose prompt changed in the
+prompts file (or whose row moved, which changes its noise) is ours and stale, so it is made again
+(and counted). Settings are compared by content: guidance, steps, sampler, eta, size, dtype and
+the checkpoint's content hash (moving the pipeline folder is fine; retraining into it is another
+checkpoint, refused). A file in images/ that this command did not write is refused, never
+overwritten. Each PNG is written to a hidden temporary file and renamed, so a killed run never
+leaves a half-written image.
 
 Determinism: row i of the file (0-based) with seed s is sampled exactly as
 ``pipe.generate([prompt_i], seed=s * SEED_STRIDE + i)``: the pipeline gives every image its own
@@ -40,9 +46,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -50,15 +56,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..utils.checks import finite, whole
+from ..utils.devices import backbone_dtype
+from ..utils.files import output_folder, write_png_atomic, write_text_atomic
+
 DEFAULT_GUIDANCE = 1.5  # micro_diffusion's classifier-free guidance for its COCO FID numbers
 SEED_STRIDE = 1_000_000_000  # seed s of row i uses the pipeline seed s * SEED_STRIDE + i
+MAX_SEED = (2**63 - 1) // SEED_STRIDE - 1  # s * SEED_STRIDE + i must stay a 63-bit generator seed
 ID_COLUMNS = ("id", "image_id", "prompt_id")
 CAPTION_COLUMNS = ("caption", "prompt", "prompts", "text")
 IMAGES_DIR = "images"
 INDEX_NAME = "index.csv"
 SETTINGS_NAME = "generate.json"
-CHECKED = ("checkpoint", "guidance", "steps", "sampler", "eta", "height", "width", "dtype", "seed_stride")
-PNG_KEYS = ("id", "prompt", "seed", "noise_seed", "sampler", "steps", "guidance", "checkpoint")
+CHECKED = ("checkpoint_hash", "guidance", "steps", "sampler", "eta", "height", "width", "dtype", "seed_stride")
+PNG_KEYS = ("id", "prompt", "seed", "noise_seed", "sampler", "steps", "guidance", "checkpoint", "settings")
 
 
 # ----------------------------------------------------------------------------- prompts files
@@ -178,6 +189,9 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds {text!r}: give a comma list of whole numbers, e.g. 0,1,2") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r}: give distinct whole numbers >= 0, e.g. 0,1,2")
+    if max(seeds) >= MAX_SEED:
+        raise ValueError(f"--seeds {text!r}: seeds must be below {MAX_SEED} (row i of seed s samples with "
+                         f"s * {SEED_STRIDE} + i, a 63-bit number)")
     return seeds
 
 
@@ -198,22 +212,28 @@ def consecutive_runs(rows: list[int]) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- files
 
-def write_png_atomic(image, path: Path, text: dict[str, Any]) -> None:
-    """Write ``image`` (PIL) to a hidden temporary file beside ``path``, then rename it into place."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(f"microdiff:{key}", str(value))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A short content hash of the settings an image depends on (``CHECKED``), kept in every PNG."""
+    payload = json.dumps({k: settings.get(k) for k in CHECKED}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def image_state(path: Path, item: PromptItem, noise_seed: int, digest: str) -> str:
+    """What an existing image is: "same" (made from this prompt and noise seed with these settings),
+    "stale" (ours, but made from another prompt text, noise seed or settings: make it again) or
+    "foreign" (no text chunks of ours, or unreadable: never overwritten)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            info = dict(img.info)
+    except (OSError, UnidentifiedImageError):
+        return "foreign"
+    if "microdiff:prompt" not in info:
+        return "foreign"
+    same = (info.get("microdiff:prompt") == item.prompt and info.get("microdiff:noise_seed") == str(noise_seed)
+            and info.get("microdiff:settings", digest) == digest)  # images from before the hash: generate.json
+    return "same" if same else "stale"
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -225,10 +245,34 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: unreadable ({err}); delete it if the images in {out} are yours") from None
-    for key in CHECKED:
+    if not isinstance(old, dict):
+        raise ValueError(f"{path}: not a settings object; delete it if the images in {out} are yours")
+    # the checkpoint by content; folders from before the content hash compare its path
+    keys = CHECKED if "checkpoint_hash" in old else ("checkpoint",) + CHECKED[1:]
+    for key in keys:
         if key in old and old[key] != settings[key]:
-            raise ValueError(f"{path}: the images in {out} were made with {key}={old[key]!r}, this run asks "
-                             f"{key}={settings[key]!r}; use another --out, or delete the folder to start over")
+            what = "the checkpoint's content" if key == "checkpoint_hash" else f"{key}={old[key]!r}"
+            now = f"{settings['checkpoint']} now holds other weights or defaults" if key == "checkpoint_hash" \
+                else f"this run asks {key}={settings[key]!r}"
+            raise ValueError(f"{path}: the images in {out} were made with {what}, {now}; use another --out, or "
+                             "delete the folder to start over")
+
+
+def _existing_images(out: Path, items: list[PromptItem], plan: list[tuple[int, int, int]],
+                     digest: str) -> dict[tuple[int, int], str]:
+    """(seed, row) -> "same" / "stale" for the planned images that exist; a file there that is not ours
+    is refused in one line (it is never overwritten)."""
+    states = {}
+    for seed, start, stop in plan:
+        for i in range(start, stop):
+            path = out / IMAGES_DIR / items[i].file(seed)
+            if path.is_file():
+                state = image_state(path, items[i], seed * SEED_STRIDE + i, digest)
+                if state == "foreign":
+                    raise ValueError(f"{path}: not an image that microdiff eval generate wrote (no settings in its "
+                                     "text chunks, or unreadable); move it away or use another --out")
+                states[(seed, i)] = state
+    return states
 
 
 def write_index(out: Path, items: list[PromptItem], seeds: list[int]) -> tuple[int, int]:
@@ -244,7 +288,7 @@ def write_index(out: Path, items: list[PromptItem], seeds: list[int]) -> tuple[i
                 written += 1
             else:
                 missing += 1
-    _write_text_atomic(out / INDEX_NAME, buffer.getvalue())
+    write_text_atomic(out / INDEX_NAME, buffer.getvalue())
     return written, missing
 
 
@@ -257,7 +301,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ".json/.jsonl list of {id, prompt}")
     parser.add_argument("--checkpoint", required=True, help="pipeline folder (Pipeline.save_pretrained, microdiff "
                         "convert) or hub id")
-    parser.add_argument("--out", required=True, help="output folder: images/{id}_s{seed}.png, index.csv, generate.json")
+    parser.add_argument("--out", required=True, help="output folder: images/{id}_s{seed}.png, index.csv, generate.json. "
+                        "A rerun keeps the images made from the same prompt text, seed and settings, makes again "
+                        "those whose prompt changed in the file, and refuses other settings (or checkpoint "
+                        "content) and files it did not write")
     parser.add_argument("--seeds", default="0", help="comma list of seeds, one image per prompt and seed (default 0)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}: the setting "
@@ -266,14 +313,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     parser.add_argument("--sampler", default=None, help="euler, euler_ancestral, heun, ddim, dpmpp_2m, ... "
                         "(default: the pipeline's)")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (ddim sampler; 1 = ancestral)")
+    parser.add_argument("--eta", type=float, default=None, help="noise of the samplers that have it (ddim: 1 = "
+                        "ancestral; euler_ancestral, dpmpp_3m_sde); refused for the others")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), "
                         "cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="backbone weights dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    parser.add_argument("--dtype", default="auto", help="backbone weights dtype: auto (bfloat16 on cuda, float32 "
+                        "elsewhere), float32, bfloat16, float16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -299,36 +347,42 @@ def _run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     seeds = parse_seeds(args.seeds)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: must be >= 1 (or leave it out for every prompt)")
+    whole(args.batch_size, "--batch-size")
+    for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--size", args.size)):
+        if value is not None:
+            whole(value, flag)
+    finite(args.guidance, "--guidance")
+    if args.eta is not None:
+        finite(args.eta, "--eta", minimum=0.0)
     items = read_prompts(args.prompts)[: args.limit]
     out = Path(args.out)
-    info = setup_distributed(args.device)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder; pass a folder for images/, index.csv and generate.json")
+    info = setup_distributed(args.device, field="--device")
     try:
-        from ..encoders.image import resolve_dtype
-
-        cuda = info.device.type == "cuda"
-        dtype = (torch.bfloat16 if cuda else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
+        dtype = backbone_dtype(args.dtype, info.device, "--dtype")
         pipe = Pipeline.from_pretrained(args.checkpoint, device=info.device, dtype=dtype)
-        d = pipe.defaults
+        chosen = pipe.check_options(args.steps, args.sampler, args.eta, args.size, args.size, args.guidance)
         checkpoint = Path(args.checkpoint)
         settings = {"checkpoint": str(checkpoint.resolve()) if checkpoint.is_dir() else str(args.checkpoint),
-                    "guidance": float(args.guidance), "steps": args.steps or d.num_inference_steps,
-                    "sampler": args.sampler or d.sampler, "eta": args.eta, "height": args.size or d.height,
-                    "width": args.size or d.width, "dtype": str(dtype).replace("torch.", ""),
+                    "checkpoint_hash": pipe.fingerprint(), "guidance": chosen["guidance_scale"],
+                    "steps": chosen["num_inference_steps"], "sampler": chosen["sampler"], "eta": chosen["eta"],
+                    "height": chosen["height"], "width": chosen["width"], "dtype": str(dtype).replace("torch.", ""),
                     "seed_stride": SEED_STRIDE, "prompts": str(args.prompts)}
+        settings["settings"] = settings_hash(settings)
         check_settings(out, settings)  # every rank, before any rank writes
-        (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        plan = plan_batches(len(items), seeds, args.batch_size)
+        states = _existing_images(out, items, plan, settings["settings"])  # every rank: the same decision
+        output_folder(out, "--out")
+        (out / IMAGES_DIR).mkdir(exist_ok=True)
         barrier(info)
         if info.is_main:
-            _write_text_atomic(out / SETTINGS_NAME, json.dumps(settings, indent=1))
+            write_text_atomic(out / SETTINGS_NAME, json.dumps(settings, indent=1))
 
-        mine = plan_batches(len(items), seeds, args.batch_size)[info.rank::info.world_size]
-        todo = [(s, [i for i in range(a, b) if not (out / IMAGES_DIR / items[i].file(s)).is_file()])
-                for s, a, b in mine]
+        mine = plan[info.rank::info.world_size]
+        todo = [(s, [i for i in range(a, b) if states.get((s, i)) != "same"]) for s, a, b in mine]
         skipped = sum(b - a for _, a, b in mine) - sum(len(rows) for _, rows in todo)
+        redone = sum(1 for s, a, b in mine for i in range(a, b) if states.get((s, i)) == "stale")
         generated = 0
         desc = "generate" + (f" (rank 0 of {info.world_size})" if info.distributed else "")
         with tqdm(total=sum(len(rows) for _, rows in todo), unit="img", desc=desc, dynamic_ncols=True,
@@ -343,19 +397,21 @@ def _run(args: argparse.Namespace) -> int:
                         item = items[i]
                         meta = {"id": item.id, "prompt": item.prompt, "seed": seed,
                                 "noise_seed": seed * SEED_STRIDE + i,
-                                **{k: settings[k] for k in ("sampler", "steps", "guidance", "checkpoint")}}
+                                **{k: settings[k] for k in ("sampler", "steps", "guidance", "checkpoint", "settings")}}
                         write_png_atomic(image, out / IMAGES_DIR / item.file(seed), meta)
                     generated += len(run_rows)
                     bar.update(len(run_rows))
         barrier(info)
-        counts = gather_objects((generated, skipped), info)
+        counts = gather_objects((generated, skipped, redone), info)
         if info.is_main:
             for stale in (out / IMAGES_DIR).glob(".*.tmp"):  # left by killed runs; every rank is done now
                 stale.unlink(missing_ok=True)
             written, missing = write_index(out, items, seeds)
-            total_new, total_skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            total_new, total_skipped, total_redone = (sum(c[k] for c in counts) for k in range(3))
             seconds = time.perf_counter() - started
-            print(f"generated {total_new} images, skipped {total_skipped} that existed, in {seconds:.1f} s "
+            again = (f" ({total_redone} of them again: their prompt text, row or settings had changed)"
+                     if total_redone else "")
+            print(f"generated {total_new} images{again}, skipped {total_skipped} that existed, in {seconds:.1f} s "
                   f"({len(items)} prompts x {len(seeds)} seed(s), {info.world_size} process(es)); "
                   f"{out / INDEX_NAME}: {written} rows" + (f", {missing} missing" if missing else ""))
         return 0

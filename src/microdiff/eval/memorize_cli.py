@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.distributed import setup_distributed, teardown
 
     try:
-        info = setup_distributed(args.device, "auto")
+        info = setup_distributed(args.device, "auto", field="--device")
     except ERRORS as err:
         return report_error("eval memorization", _first_line(err))
     try:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..utils.registry import lookup
+from ..utils.weights import load_strict, read_safetensors
 from .layers import (CrossAttention, Mlp, SelfAttention, SwiGLU, TimestepEmbedder, caption_tokens, layer_norm,
                      mean_tokens, modulate, noise_batch, round_up, sincos_pos_embed_2d, tanh_gelu)
 from .moe import ExpertChoiceMoE
@@ -413,8 +414,7 @@ def extract_state_dict(checkpoint: dict[str, Any], prefix: str = "dit.") -> dict
 def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch checkpoint (loaded with ``weights_only=True``)."""
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(str(path))
+        return read_safetensors(path, "checkpoint")  # a truncated or damaged file: one line naming it
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the reason is kept in the message
@@ -423,9 +423,15 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_microdit(model: MicroDiT, path_or_state: str | dict[str, Any], strict: bool = True) -> MicroDiT:
-    """Load micro_diffusion / Ambient-o / composer / our own weights into ``model`` (strict by default)."""
+    """Load micro_diffusion / Ambient-o / composer / our own weights into ``model`` (strict by default:
+    missing, unexpected or reshaped weights are one line naming the file)."""
     state = load_checkpoint_file(path_or_state) if isinstance(path_or_state, str) else path_or_state
-    model.load_state_dict(extract_state_dict(state), strict=strict)
+    if strict:
+        source = path_or_state if isinstance(path_or_state, str) else "the state dict"
+        load_strict(model, extract_state_dict(state), source, fix="these are the weights of another model",
+                    ignore_shape=("pos_embed",))
+    else:
+        model.load_state_dict(extract_state_dict(state), strict=False)
     return model
 
 

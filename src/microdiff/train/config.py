@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import yaml
 from ..diffusion.noise import NOISE_DISTRIBUTIONS, make_noise_distribution
 from ..diffusion.samplers import SAMPLERS
 from ..models import DIT_PRESETS, UNET_PRESETS
+from ..utils.devices import parse_device
 from ..utils.errors import UserError
 from ..utils.registry import check_options, lookup
 
@@ -55,9 +55,6 @@ def _options_of(what: str, make: Callable[..., Any], name: str, options: dict) -
         make(name, **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{what}: {str(err).splitlines()[0]}") from None
-
-
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -225,8 +222,10 @@ class TrainConfig:
                  f"micro_batch_size: must be between 1 and batch_size ({self.batch_size}) or null, "
                  f"got {self.micro_batch_size}")
         _require(self.threads is None or self.threads >= 1, f"threads: must be at least 1 or null, got {self.threads}")
-        _require(bool(DEVICE_RE.match(self.device)),
-                 f"device: {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        try:
+            parse_device(self.device, field="device")  # the name only; whether this machine has it: at start
+        except UserError as err:
+            raise ConfigError(str(err)) from None
 
 @dataclass
 class LogConfig:

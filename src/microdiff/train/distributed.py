@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..utils.devices import resolve_device, resolve_dist
-from ..utils.errors import UserError
 
 # FSDP2 shards each of these blocks on its own, then the rest of the model as one unit
 _SHARD_UNITS = {"DiTBlock", "UNetBlock", "TextBlock"}
@@ -40,26 +39,16 @@ class DistInfo:
         return self.world_size > 1
 
 
-def check_device(name: str) -> torch.device:
-    """``train.device`` as a torch device (see utils.devices), refusing CUDA where there is none."""
-    try:
-        device = resolve_device(name)
-    except RuntimeError:  # torch's own "Expected one of cpu, cuda, ..."
-        raise UserError(f"train.device={name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name}: CUDA is not available on this machine; use train.device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"train.device={name}: Apple's MPS is not available on this machine; use train.device=cpu")
-    return device
+def check_device(name: str, field: str = "train.device") -> torch.device:
+    """``name`` as a torch device (see utils.devices), refusing devices this machine does not have; errors
+    name ``field`` (the config key or the command-line flag it came from)."""
+    return resolve_device(name, field=field)
 
 
-def setup_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto", backend: str = "auto", field: str = "train.device") -> DistInfo:
     rank, world = resolve_dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = check_device(device)
+    dev = check_device(device, field)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     initialized_here = False

@@ -35,6 +35,7 @@ from torch import nn
 from ..diffusion.denoiser import Denoiser, make_parameterization
 from ..diffusion.loss import denoising_loss, make_weighting
 from ..diffusion.noise import make_noise_distribution
+from ..encoders.pipeline_folder import SamplingDefaults, is_pipeline_folder, read_weights, write_pipeline_folder
 from ..utils.errors import UserError
 from .checkpoint import latest_checkpoint, load_state, replace_dir, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config, to_dict
@@ -177,20 +178,18 @@ def _matches(key: str, patterns: list[str]) -> bool:
 def load_init_weights(module: TrainModule, path: str, use_ema: bool, ignore: list[str]) -> dict[str, Any]:
     """Start from another run's weights (a run folder, checkpoint folder, pipeline folder or a weights
     file, e.g. micro_diffusion's): keys matching ``ignore`` keep their initial values, a MicroDiT's
-    positional table is recomputed for this resolution. Returns a short report."""
+    positional table is recomputed for this resolution. Every other weight of this model must be
+    there in its shape, and every weight there must have a place here (or match ``ignore``), else one
+    line says which. A pipeline folder's files are checked against their recorded hashes. Returns a
+    short report."""
     from ..models.dit import extract_state_dict, load_checkpoint_file
 
     source = Path(path)
     state: dict[str, torch.Tensor]
-    if (source / "pipeline.yaml").is_file():
-        from safetensors.torch import load_file
-
-        state = {f"backbone.{k}": v for k, v in load_file(str(source / "denoiser.safetensors")).items()}
-        from ..encoders.text_common import WEIGHTS_FILE
-
-        te = source / "text_encoder" / WEIGHTS_FILE  # a trained built-in encoder's weights
-        if te.is_file():
-            state.update({f"text_encoder.{k}": v for k, v in load_file(str(te)).items()})
+    if is_pipeline_folder(source):
+        weights = read_weights(source)  # hashes checked, every file readable
+        state = {f"backbone.{k}": v for k, v in weights["backbone"].items()}
+        state.update({f"text_encoder.{k}": v for k, v in (weights["text_encoder"] or {}).items()})
     elif source.is_dir() or (source.is_file() and source.name == "state.pt"):
         ckpt = load_state(resolve_resume(source, str(source)) if (source / "checkpoints").is_dir() else source)
         state = dict(ckpt["model"])
@@ -203,7 +202,11 @@ def load_init_weights(module: TrainModule, path: str, use_ema: bool, ignore: lis
         raise FileNotFoundError(f"model.init_from={path}: no such run, checkpoint, pipeline folder or weights file")
     own = module.state_dict()
     ignored = [k for k in state if _matches(k, ignore)]
-    state = {k: v for k, v in state.items() if k not in ignored and k in own}
+    unplaced = [k for k in state if k not in ignored and k not in own]
+    if unplaced:
+        raise ValueError(f"model.init_from={path}: {len(unplaced)} weights there have no place in this model "
+                         f"(first: {unplaced[0]}); add patterns to model.init_ignore_keys to leave them out")
+    state = {k: v for k, v in state.items() if k not in ignored}
     mismatched = [k for k, v in state.items() if v.shape != own[k].shape and not k.endswith("pos_embed")]
     if mismatched:
         k = mismatched[0]
@@ -424,22 +427,20 @@ class Trainer:
         _set_rng_state(state["rng"][self.dist.rank])
 
     # -- export
-    def ema_pipeline(self, weights: dict[str, torch.Tensor] | None = None):
-        """A Pipeline holding the exported EMA weights (full tensors; a fresh copy of the model)."""
-        from ..pipeline import Pipeline, SamplingDefaults
-
+    def ema_parts(self, weights: dict[str, torch.Tensor] | None = None):
+        """(text_encoder, autoencoder, denoiser, sampling defaults) of the exported EMA weights (full
+        tensors, a fresh copy of the model). Loaded strictly: what the EMA does not track (buffers)
+        comes from the trained model, so no weight keeps a fresh initialisation."""
         c = self.config
         weights = self.full_ema_weights() if weights is None else weights
         trained = self.module.backbone
         backbone = _plain_class(trained)(**trained.config).to(self.device).eval()
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")},
-                                 strict=False)
+        backbone.load_state_dict(_export_state(trained, weights, "backbone."), strict=True)
         text_encoder = self.text_encoder
         if self.module.text_encoder is not None:
             te = self.module.text_encoder
             text_encoder = _plain_class(te)(**te.config).to(self.device).eval()
-            text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
-                                          if k.startswith("text_encoder.")}, strict=False)
+            text_encoder.load_state_dict(_export_state(te, weights, "text_encoder."), strict=True)
         sampling = {k: v for k, v in asdict(c.sampling).items() if k != "steps"}  # same names but steps
         masks = {}
         if c.ambient.mask_input:
@@ -449,15 +450,27 @@ class Trainer:
         defaults = SamplingDefaults(**sampling, num_inference_steps=c.sampling.steps, height=c.data.resolution,
                                     width=c.data.resolution, caption_mask=c.encoders.caption_mask,
                                     caption_layout=self.layout, **masks)
-        return Pipeline(text_encoder, self.autoencoder, Denoiser(backbone, self.param), defaults)
+        return text_encoder, self.autoencoder, Denoiser(backbone, self.param), defaults
+
+    def ema_pipeline(self, weights: dict[str, torch.Tensor] | None = None):
+        """A Pipeline holding the exported EMA weights (for the sample grids during training)."""
+        from ..pipeline import Pipeline  # the one upward reference: sample grids need generate()
+
+        return Pipeline(*self.ema_parts(weights))
 
     def save_pipeline(self, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """The EMA weights as ``out/pipeline`` (the pipeline folder format, written to a temporary
+        folder and swapped in, so a kill never leaves a half-written pipeline)."""
         import shutil
 
         final = self.out / "pipeline"
         tmp = self.out / ".tmp-pipeline"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.ema_pipeline(weights).save_pretrained(tmp)
+        text_encoder, autoencoder, denoiser, defaults = self.ema_parts(weights)
+        backbone = denoiser.backbone
+        write_pipeline_folder(tmp, backbone_class=type(backbone).__name__, backbone_config=backbone.config,
+                              backbone_state=backbone.state_dict(), parameterization=denoiser.parameterization.config(),
+                              defaults=defaults, text_encoder=text_encoder, autoencoder=autoencoder.identifier)
         replace_dir(tmp, final)
         return final
 
@@ -701,6 +714,20 @@ class Trainer:
 def _plain_class(module: nn.Module) -> type:
     """The module's own class (FSDP2's fully_shard swaps in a subclass named FSDP<Name>)."""
     return next(c for c in type(module).__mro__ if not c.__name__.startswith("FSDP"))
+
+
+def _export_state(trained: nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The EMA ``weights`` under ``prefix`` (prefix removed) plus what the EMA does not track (buffers) from
+    the trained module, so the export loads strictly. Called on rank 0 only: a sharded (FSDP) tensor
+    outside the EMA would need every rank, so it is refused instead of hanging."""
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    for key, value in trained.state_dict().items():
+        if key not in state:
+            if hasattr(value, "full_tensor"):
+                raise RuntimeError(f"export: {prefix}{key} is sharded but not in the EMA; it cannot be gathered "
+                                   "on one rank")
+            state[key] = value.detach()
+    return state
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,34 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-CHUNK = 1 << 20
+DIGEST = "sha256"
+CHUNK = 1 << 22
+
+
+def file_digest(path: str | Path) -> str:
+    """``"sha256:<hex>"`` of a file's bytes (streamed, so any size)."""
+    h = hashlib.new(DIGEST)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return f"{DIGEST}:{h.hexdigest()}"
+
+
+def path_digest(path: str | Path) -> str:
+    """``"sha256:<hex>"`` of a file, or of a folder: every file in it (hidden ones too), by relative
+    name and content, so renaming, changing, adding or removing a file changes it."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    h = hashlib.new(DIGEST)
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(item.relative_to(path).as_posix().encode() + b"\0" + file_digest(item).encode() + b"\0")
+    return f"{DIGEST}:{h.hexdigest()}"
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB chunks (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The SHA-256 of a file's bytes (hex)."""
+    return file_digest(path).partition(":")[2]
 
 
 def file_record(path: str | Path) -> dict[str, int | str]:
@@ -39,4 +57,4 @@ def check_file(path: str | Path, record: dict) -> str | None:
     return None
 
 
-__all__ = ["file_sha256", "file_record", "check_file"]
+__all__ = ["DIGEST", "file_digest", "path_digest", "file_sha256", "file_record", "check_file"]
