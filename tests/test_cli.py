@@ -17,10 +17,26 @@ def _run(*args, cwd=None):
 
 def test_help_lists_the_subcommands():
     out = _run("--help")
-    assert out.returncode == 0
-    for name in ["demo", "train", "sample", "eval", "data", "annotate"]:
-        assert name in out.stdout
-    assert "examples:" in out.stdout
+    assert out.returncode == 0 and "examples:" in out.stdout
+    # the "{demo,data,...}" list of the usage block itself, not words of the descriptions
+    listed = out.stdout.split("COMMAND", 2)[1] if "COMMAND" in out.stdout else ""
+    from microdiff.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    assert {"demo", "train", "sample", "eval", "data", "convert", "annotate"} <= set(commands.choices)
+    for name in commands.choices:
+        assert f"\n    {name} " in out.stdout or f"\n    {name}\n" in out.stdout, (name, listed)
+
+
+@pytest.mark.parametrize("argv", [["sample"], ["sample", "x", "--checkpoint", "y", "--steps", "abc"], ["foo"],
+                                  ["data", "precompute", "x"], ["train", "c.yaml", "--bogus"]])
+def test_usage_mistakes_are_one_line_naming_the_help(argv, capsys):
+    from microdiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("microdiff") and "--help)" in err[0], err
 
 
 @pytest.mark.parametrize("name", ["demo", "train", "sample", "eval", "data", "annotate"])

@@ -75,6 +75,14 @@ TOP_COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake in one line (``microdiff sample: error: argument --steps: ...; see
+    microdiff sample --help``) instead of the usage block followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_module_command(sub, name: str, module: str, summary: str, examples: list[str],
                         parent: str | None = None) -> None:
     """A subcommand whose arguments and behaviour live in ``module`` (add_arguments / run)."""
@@ -100,7 +108,7 @@ def _add_group(sub, name: str, summary: str, description: str, commands: dict) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="microdiff",
         description="Train and sample text-to-image diffusion models on a micro budget.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
