@@ -6,6 +6,11 @@
                                             loader script/"imagefolder", or a save_to_disk folder)
     make_dataset(spec, ...)                 picks one from a string: folder, manifest file,
                                             "hf:<name>" or a saved HF dataset folder
+                                            (commands use data/sources.py, the one home of
+                                            "source string -> dataset", which builds on these)
+
+Manifests are read as UTF-8 (a byte-order mark dropped) or, failing that, Windows-1252/Latin-1 with
+a warning (:func:`read_text`); repeated keys are made unique with a warning (:func:`unique_keys`).
 
 A record's ``image`` is float32 (3, R, R) in [-1, 1], ``caption`` a str, ``key`` a stable id and
 ``meta`` a dict with the source's other fields, among them the ones ambient training reads:
@@ -706,7 +711,9 @@ class HFImageDataset(CaptionedDataset):
 # ----------------------------------------------------------------------------- choosing a source
 def make_dataset(spec: str | os.PathLike, transform: Transform | None = None, *, resolution: int | None = None,
                  **kwargs: Any) -> CaptionedDataset:
-    """The dataset a string names: an image folder, a .jsonl/.csv/.parquet manifest, ``hf:<name>``
+    """The captioned dataset a string names (commands go through ``data.sources.build_dataset``, which
+    calls this for these kinds and adds the other sources and filters): an image folder, a
+    .jsonl/.csv/.parquet manifest, ``hf:<name>``
     (a hub dataset or loader, e.g. ``hf:imagefolder`` with ``data_dir=...``) or a folder written by
     ``save_to_disk``. Give a ``transform`` or a ``resolution`` (then a center-crop ImageTransform);
     other keyword arguments go to the dataset class."""

@@ -178,6 +178,11 @@ def build_dataset(spec: DataSpec, *, needs: str = "any", command: str = "train",
     if any(columns.values()) and kind not in ("manifest", "hf"):
         name = next(k for k, v in columns.items() if v)
         raise UserError(f"{name}: applies to manifests and Hugging Face datasets, and {source} is a {kind} source")
+    if image_root is not None and kind not in ("manifest", "hf"):
+        raise UserError(f"image_root (--image-root): applies to manifests and Hugging Face datasets, and {source} is "
+                        f"a {kind} source")
+    if split is not None and kind != "hf":
+        raise UserError(f"split (--split): applies to Hugging Face datasets, and {source} is a {kind} source")
     if kind == "shapes":
         dataset = ShapesDataset(parse_shapes(source), resolution=spec.resolution, seed=spec.seed,
                                 corruption=spec.corruption, **spec.vocabulary)
