@@ -256,6 +256,11 @@ def test_latent_sources_are_refused_in_one_line_where_images_are_needed(tmp_path
                  ["annotate", "lat", "--out", "ann"]):
         error = _one_line_error(_cli(*args, "--no-progress", cwd=tmp_path), "lat")
         assert "holds precomputed latents" in error and "needs images" in error
+    assert "4 samples read" in _ok(_cli("data", "check", "lat", "--out", "rep", "--no-progress", cwd=tmp_path)).stdout
+    shard = tmp_path / "lat" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])  # a damaged shard stops training: check says so and fails
+    error = _one_line_error(_cli("data", "check", "lat", "--out", "rep", "--no-progress", cwd=tmp_path), "shard-000000")
+    assert "training stops at them" in error
 
 
 # ----------------------------------------------------------------------------- defect 8: download folders

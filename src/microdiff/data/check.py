@@ -126,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
         what = f"{len(dataset)} items indexed, {count} usable"
     json_path, csv_path = report.write(out)
     print(f"{report.summary()}; {what}; report: {json_path}, {csv_path}")
+    if kind in ("latent-shards", "mds") and report.total:  # not skipped in training: a damaged shard stops it
+        raise UserError(f"{args.source}: {report.total} damaged shard(s) or sample(s) (first: {report.items[0].path}); "
+                        "training stops at them: recreate them (rerun precompute after deleting them); "
+                        f"see {json_path}")
     if count == 0:
         raise UserError(f"{args.source}: nothing in it is usable ({report.summary()}); see {json_path}")
     return 0

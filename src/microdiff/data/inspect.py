@@ -46,7 +46,7 @@ def iter_latent_shards(source: str, report: SkipReport) -> Iterator[dict[str, An
                     continue
                 yield {"caption": caption, "meta": meta}
         except ShardError as err:
-            report.add(url, "corrupt shard", str(err))
+            report.add(url, "damaged shard (training stops there)", str(err))
 
 
 def iter_source(source: str, spec: DataSpec | None = None, report: SkipReport | None = None,
@@ -140,7 +140,7 @@ def inspect_source(source: str, json_path: str | None = None, plot_path: str | N
             raise UserError(f"{what} {path}: is a folder; give a file name")
         if path:
             check_out_path(Path(path).parent, what)
-    report = SkipReport(source)
+    report = SkipReport(source, warn_first=0)  # the summary lists the reasons
     summary = summarise(iter_source(source, spec, report, progress), report)
     words = summary.pop("_caption_words")
     if source_kind(source) == "latent-shards":  # precomputed shards say which encoders made them
