@@ -330,27 +330,15 @@ class AnnotateConfig:
 def load_records(source: str, config: AnnotateConfig) -> tuple[torch.Tensor, list[str], list[dict], Any]:
     """Images (N, C, H, W) float32 in [-1, 1], keys and metas of every readable record of ``source``,
     built as training builds it (``data.sources``), and the SkipReport of the items left out."""
-    from tqdm.auto import tqdm
-
-    from ..data.report import SkipReport
-    from ..data.sources import DataSpec, build_dataset, skip_report
+    from ..data.sources import DataSpec, build_dataset, read_records  # ambient/__init__ loads before data/
 
     spec = DataSpec(source=source, resolution=config.resolution, corruption=config.corruption,
                     vocabulary=dict(config.vocabulary), seed=config.data_seed)
     dataset = build_dataset(spec, needs="images", command="annotate", progress=config.progress)
-    skips = SkipReport(source, warn_first=0).merge(skip_report(dataset) or [])
-    images, keys, metas = [], [], []
-    for i in tqdm(range(len(dataset)), desc=f"read {source}", unit="img", disable=not config.progress,
-                  dynamic_ncols=True):
-        record = dataset[i]
-        if record is None:  # unreadable image: counted by reason, reported at the end
-            skip = dataset.probe(i) if hasattr(dataset, "probe") else None
-            skips.add(skip.path if skip else f"item {i}", skip.reason if skip else "skipped by the dataset",
-                      skip.detail if skip else "")
-            continue
-        images.append(record["image"])
-        keys.append(str(record["key"]))
-        metas.append(record.get("meta") or {})
+    records, skips = read_records(dataset, f"read {source}", config.progress)
+    images = [r["image"] for r in records]
+    keys = [str(r["key"]) for r in records]
+    metas = [r.get("meta") or {} for r in records]
     if not images:
         raise ValueError(f"{source}: no readable images ({skips.summary()})")
     if len(set(keys)) != len(keys):

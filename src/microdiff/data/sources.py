@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from ..ambient.dataset import MIN_SIDE, CorruptedDataset, as_mixture
 from ..utils.errors import UserError
@@ -43,6 +44,7 @@ from .captioned import MANIFEST_SUFFIXES, _is_saved_hf_dataset, make_dataset
 from .mds import MDSLatentDataset
 from .report import SkipReport
 from .shapes import ShapesDataset
+from .skips import ReplaceSkipped, why_skipped
 from .transforms import ImageTransform
 from .webshards import ImageShardDataset, is_image_shards
 
@@ -219,6 +221,40 @@ def build_dataset(spec: DataSpec, *, needs: str = "any", command: str = "train",
     return dataset
 
 
+def build_replacing(spec: DataSpec, *, command: str, progress: bool = True) -> ReplaceSkipped:
+    """An image dataset for a training loop that needs every item: ``build_dataset`` (images), with
+    skipped items replaced deterministically (``data/skips.py``; ``.raw`` is the dataset itself)."""
+    return ReplaceSkipped(build_dataset(spec, needs="images", command=command, progress=progress), spec.seed,
+                          source=spec.source)
+
+
+def skip_totals(dataset, skipped=(), replaced: int = 0, name: str | None = None) -> SkipReport:
+    """One report of what ``dataset`` (or the dataset under a ReplaceSkipped view) left out while
+    indexing, plus ``skipped`` ((path, reason, detail) triples or Skips found later) and the number of
+    ``replaced`` batch slots: what a command prints at its end."""
+    base = getattr(dataset, "raw", dataset)
+    name = name or getattr(dataset, "source", None) or getattr(skip_report(base), "name", "")
+    report = SkipReport(name, warn_first=0).merge(skip_report(base) or [])
+    for item in skipped:
+        path, reason, detail = (item.path, item.reason, item.detail) if hasattr(item, "reason") else item
+        report.add(path, reason, detail)
+    report.replaced += int(replaced)
+    return report
+
+
+def read_records(dataset, desc: str, progress: bool = True) -> tuple[list[dict[str, Any]], SkipReport]:
+    """Every usable record of ``dataset`` in index order, and the report of every item left out (while
+    indexing, or unreadable now): for commands that read a whole source once."""
+    records, later = [], []
+    for i in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+        record = dataset[i]
+        if record is None:
+            later.append(why_skipped(dataset, i))
+        else:
+            records.append(record)
+    return records, skip_totals(dataset, later)
+
+
 def empty_message(dataset, source: str) -> str:
     report = getattr(dataset, "report", None)
     why = f" ({report.summary().removeprefix(f'{report.name}: ')})" if report is not None and report.total else ""
@@ -300,8 +336,6 @@ class Subset(torch.utils.data.Dataset):
 def scan_records(dataset, what: str, progress: bool = True) -> list[tuple[str, dict] | None]:
     """(key, meta) of every item (None for items the dataset skips), with a progress bar: what
     sample selection by quality or noise level needs to know before training."""
-    from tqdm import tqdm
-
     out = []
     for i in tqdm(range(len(dataset)), desc=what, unit="item", disable=not progress, dynamic_ncols=True,
                   leave=False):
@@ -414,4 +448,5 @@ __all__ = ["DataSpec", "check_spec", "build_dataset", "source_kind", "holds_late
            "is_latent_shards", "parse_shapes", "IMAGE_KINDS", "LATENT_KINDS", "CachedDataset", "Subset",
            "scan_records", "key_meta", "caption_meta", "keep_quality", "item_fingerprint", "record_fingerprint",
            "skip_report", "empty_message",
+           "build_replacing", "skip_totals", "read_records",
            "positive_int", "nonnegative_int", "add_source_arguments", "check_out_path"]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.devices import resolve_device
 from .ae_losses import (AELossConfig, PatchDiscriminator, PerceptualLoss, disc_active, generator_loss,
                         hinge_d_loss, psnr)
 from .autoencoder_io import KINDS, build_autoencoder, load_trained_autoencoder, save_autoencoder
@@ -537,18 +538,14 @@ def run(args) -> int:
     """``microdiff train-autoencoder``: bad input ends with a one-line error and exit status 2."""
     import sys
 
-    from ..data.report import SkipReport
-    from ..data.skips import ReplaceSkipped
-    from ..data.sources import DataSpec, build_dataset, skip_report
-    from ..utils.devices import resolve_device
+    from ..data.sources import DataSpec, build_replacing, skip_totals  # data/ sits above encoders/
 
     from .ae_losses import load_perceptual_loss
 
     try:
         config = config_from_args(args)
         spec = DataSpec(source=args.data, resolution=args.resolution, seed=args.seed)
-        dataset = ReplaceSkipped(build_dataset(spec, needs="images", command="train-autoencoder",
-                                               progress=not args.no_progress), args.seed, source=args.data)
+        dataset = build_replacing(spec, command="train-autoencoder", progress=not args.no_progress)
         perceptual = load_perceptual_loss(args.perceptual_weights) if args.perceptual_weights else None
         summary = train_autoencoder(dataset, config, args.out, steps=args.steps, batch_size=args.batch_size,
                                     lr=args.lr, seed=args.seed, device=resolve_device(args.device),
@@ -556,10 +553,7 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"microdiff train-autoencoder: error: {err}", file=sys.stderr)
         return 2
-    skips = SkipReport(args.data).merge(skip_report(dataset.raw) or [])
-    for path, reason, detail in summary["skipped"]:
-        skips.add(path, reason, detail)
-    skips.replaced = summary["replaced"]
+    skips = skip_totals(dataset, summary["skipped"], summary["replaced"])
     b, a = summary["before"], summary["after"]
     print(f"held-out reconstruction ({summary['heldout_images']} images): L1 {b['l1']:.4f} -> {a['l1']:.4f}, "
           f"PSNR {b['psnr']:.2f} -> {a['psnr']:.2f} dB; latents {summary['latent_shape']}, "

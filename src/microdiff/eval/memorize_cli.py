@@ -44,8 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.report import SkipReport
-from ..data.sources import DataSpec, build_dataset, skip_report
+from ..data.sources import DataSpec, build_dataset, skip_totals
 from .errors import USER_ERRORS, first_line as _first_line, report_error
 from .memorization import THRESHOLDS, memorization_report, save_report, shard_range
 
@@ -173,13 +172,11 @@ def build_train_dataset(source: str, resolution: int, seed: int = 0):
                          command="eval memorization --train", progress=False)
 
 
-def train_skip_totals(source: str, dataset: Any, train_skipped: list) -> SkipReport:
-    """The training set's skipped items by reason: those its index left out (uncaptioned, ...) and the
-    unreadable images featurising found (``(label, "reason (detail)")`` pairs from every rank)."""
-    totals = SkipReport(source, warn_first=0).merge(skip_report(dataset) or [])
-    for label, reason in train_skipped:
-        totals.add(label, str(reason).split(" (", 1)[0])
-    return totals
+def train_skip_totals(source: str, dataset: Any, train_skipped: list):
+    """The training set's skipped items by reason (a SkipReport): those its index left out (uncaptioned,
+    ...) and the unreadable images featurising found (``(label, "reason (detail)")`` pairs, every rank's)."""
+    later = [(label, str(reason).split(" (", 1)[0], "") for label, reason in train_skipped]
+    return skip_totals(dataset, later, name=source)
 
 
 def _image_of(record: Any, where: str) -> torch.Tensor:
