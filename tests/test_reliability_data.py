@@ -503,6 +503,8 @@ CASES = [  # (arguments, what the one error line must name); {t} is the folder o
     (["data", "check", "{t}/img", "--min-size", "0"], ["--min-size"]),
     (["data", "check", "{t}/img", "--out", "{t}/notes"], ["--out", "not a skip report"]),
     (["data", "check", "{t}/img", "--out", "{t}/dir"], ["--out", "is a folder"]),
+    (["data", "check", "{t}/img", "--out", ""], ["--out", "file name prefix"]),
+    (["data", "check", "mds:"], ["mds:", "index.json"]),
     (["data", "check", "{t}/img", "--out", "{t}/a-file/rep"], ["--out", "a-file"]),
     (["data", "check", "{t}/a-file"], ["a-file", "not a data source"]),
     (["data", "check", "shapes:0"], ["shapes:0", "N >= 1"]),

@@ -48,14 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=nonnegative_int, default=0,
                         help="DataLoader worker processes decoding images (default 0: in this process)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a shapes:N source (default 0)")
-    parser.add_argument("--out", default="skip_report", help="writes OUT.json and OUT.csv (default skip_report)")
+    parser.add_argument("--out", default="skip_report", help="writes OUT.json and OUT.csv (default skip_report; "
+                                                             "an existing folder: OUT/skip_report.json and .csv)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def check_report_path(out: str) -> Path:
     """``--out``: refuse what a rerun must not overwrite (a folder, or a file that is not a skip report)."""
-    base = Path(out)
-    check_out_path(base.parent if str(base.parent) else ".", "--out")
+    if not out.strip() or Path(out).name in ("", ".", ".."):
+        raise UserError(f"--out {out!r}: give a file name prefix such as skips (writes skips.json and skips.csv)")
+    base = Path(out) / "skip_report" if Path(out).is_dir() else Path(out)  # a folder: the report goes inside
+    check_out_path(base.parent, "--out")
     for path in (base.with_suffix(".json"), base.with_suffix(".csv")):
         if path.is_dir():
             raise UserError(f"--out {out}: {path} is a folder; give a file name prefix such as {out}/skips")
@@ -76,6 +79,8 @@ def check_latents(source: str, kind: str, progress: bool, resolution: int = 256)
     report = SkipReport(source)
     count = 0
     if kind == "mds":
+        if not [r for r in source[4:].split(",") if r]:
+            raise UserError(f"{source}: write mds:FOLDER[,FOLDER...] with the folders that hold index.json")
         dataset = MDSLatentDataset([r for r in source[4:].split(",") if r], resolution=resolution)
         for i in tqdm(range(len(dataset)), desc=f"checking {source}", unit="sample", disable=not progress):
             try:

@@ -189,6 +189,8 @@ def build_dataset(spec: DataSpec, *, needs: str = "any", command: str = "train",
         dataset = ShapesDataset(parse_shapes(source), resolution=spec.resolution, seed=spec.seed,
                                 corruption=spec.corruption, **spec.vocabulary)
     elif kind == "mds":
+        if not [r for r in source[4:].split(",") if r]:
+            raise UserError(f"{source}: write mds:FOLDER[,FOLDER...] with the folders that hold index.json")
         if spec.corruption is not None:
             raise UserError(f"corruption: corrupts images, and {source} holds latents")
         dataset = MDSLatentDataset([r for r in source[4:].split(",") if r], resolution=spec.resolution)
@@ -433,6 +435,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, filters: bool = Fal
 
 def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
     """An output folder: refuse an existing file, or a parent that is a file or not writable (one line)."""
+    if not str(path).strip():
+        raise UserError(f"{what}: empty; give a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{what} {out}: is an existing file; give a folder")
