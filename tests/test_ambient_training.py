@@ -345,9 +345,11 @@ def test_min_quality_keeps_only_samples_at_or_above_it():
     batches = build_batches(config, 4, split_batch(4, 1, 0, 4), 0, 1, progress=False)
     assert len(batches.dataset) == len(clean) and 5 < len(clean) < 40
     assert all(batches.dataset[j]["meta"]["corruption"] == "none" for j in range(len(clean)))
-    with pytest.raises(ValueError, match="no sample has quality >= data.min_quality=2"):
-        build_batches(DataConfig(source="shapes:8", resolution=16, min_quality=2.0), 4, split_batch(4, 1, 0, 4), 0, 1,
-                      progress=False)
+    with pytest.raises(ValueError, match="no sample has quality >= min_quality=0.5"):
+        build_batches(DataConfig(source="shapes:8", resolution=16, corruption=[[1.0, "noise:0.2"]], min_quality=0.5),
+                      4, split_batch(4, 1, 0, 4), 0, 1, progress=False)
+    with pytest.raises(ValueError, match=r"min_quality: must be in \[0, 1\]"):  # range-checked with the config
+        DataConfig(source="shapes:8", min_quality=2.0)
 
 
 # ----------------------------------------------------------------------------- consistency phase

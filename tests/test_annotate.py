@@ -197,7 +197,7 @@ def test_annotate_without_low_quality_data_fails_in_one_line(tmp_path):
     assert "0 low quality" in result.stderr and "--corruption" in result.stderr
     result = _run(str(tmp_path), "--corruption", "noise:0.2", "--out", str(tmp_path / "x"), "--no-progress")
     # --corruption applies to any image source now (as data.corruption); an empty folder is the error here
-    assert result.returncode == 2 and "no readable images" in result.stderr
+    assert result.returncode == 2 and "no usable items" in result.stderr
 
 
 def test_annotate_in_latent_units(tmp_path):

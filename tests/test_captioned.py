@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from microdiff.data.captioned import (HFImageDataset, ImageFolderDataset, ManifestDataset, add_arguments,
-                                      check_dataset, collate_records, make_dataset, run)
+from microdiff.data.captioned import (HFImageDataset, ImageFolderDataset, ManifestDataset, check_dataset,
+                                      collate_records, make_dataset)
+from microdiff.data.check import add_arguments, run
 from microdiff.data.report import DataError, OnError, Skip, SkipReport
 from microdiff.data.transforms import ImageTransform
 
@@ -274,7 +275,8 @@ def test_manifest_errors_name_file_row_and_columns(tmp_path):
     with pytest.raises(ValueError, match=r"no image path column 'img'; the columns are file, text"):
         ManifestDataset(m, t, path_column="img", progress=False)
     _csv(m, ["picture", "words"], ["x.png", "ok"])
-    with pytest.raises(ValueError, match=r"no image path column .*the columns are picture, words; pass path_column"):
+    with pytest.raises(ValueError, match=r"no image path column .*the columns are picture, words; choose one with "
+                                         r"data.image_column \(--image-column"):
         ManifestDataset(m, t, progress=False)
     with pytest.raises(ValueError, match=r"no caption column .*the columns are picture, words"):
         ManifestDataset(m, t, path_column="picture", progress=False)

@@ -25,11 +25,13 @@ def test_folder_with_a_missing_caption_and_corrupted_shapes(tmp_path):
     meta.pop("caption", None)
     json_path.write_text(json.dumps(meta))
     summary = inspect_source(str(tmp_path / "img"), json_path=str(tmp_path / "s.json"), plot_path=str(tmp_path / "h.png"))
-    assert summary["samples"] == 12 and summary["missing_captions"] == 1
+    # what training uses: the uncaptioned image is skipped (and counted by reason), not a sample
+    assert summary["samples"] == 11 and summary["missing_captions"] == 1
+    assert summary["skipped_by_reason"] == {"missing caption": 1}
     corrupted = sum(json.loads((tmp_path / "img" / f"{i:05d}.json").read_text())["corruption"] == "noise"
-                    for i in range(12))
-    assert summary["corruptions"].get("noise", 0) == corrupted and summary["sources"] == {"shapes": 12}
-    assert json.loads((tmp_path / "s.json").read_text())["samples"] == 12
+                    for i in range(12) if i != 3)
+    assert summary["corruptions"].get("noise", 0) == corrupted and summary["sources"] == {"shapes": 11}
+    assert json.loads((tmp_path / "s.json").read_text())["samples"] == 11
     assert (tmp_path / "h.png").stat().st_size > 0
 
 
@@ -49,9 +51,14 @@ def test_manifests_and_caption_statistics(tmp_path):
 
 
 def test_webdataset_tars_and_shapes_spec(tmp_path):
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(png, "PNG")
     with tarfile.open(tmp_path / "000000.tar", "w") as tar:
         for key, caption in (("000000001", "one"), ("000000002", "two words")):
-            for ext, data in (("txt", caption.encode()), ("json", json.dumps({"source": "web"}).encode())):
+            for ext, data in (("txt", caption.encode()), ("json", json.dumps({"source": "web"}).encode()),
+                              ("png", png.getvalue())):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

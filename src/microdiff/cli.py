@@ -44,8 +44,9 @@ DATA_COMMANDS = {
                     "--text-encoder minilm --resolution 32",
                     "torchrun --nproc-per-node 8 -m microdiff data precompute data/images --out shards "
                     "--autoencoder diffusers-kl:stabilityai/sd-vae-ft-ema --text-encoder hf-clip:openai/clip-vit-large-patch14"]),
-    "check": ("microdiff.data.captioned", "decode every image of a folder, manifest or Hugging Face dataset "
-              "and report unreadable, too-small or uncaptioned items (path + reason)",
+    "check": ("microdiff.data.check", "decode every image of a source (folder, manifest, Hugging Face dataset, "
+              "image shards) and report unreadable, too-small or uncaptioned items (path + reason); read every "
+              "sample of latent shards",
               ["microdiff data check data/images --resolution 256 --min-size 128 --out skips"]),
     "inspect": ("microdiff.data.inspect", "summarise a dataset or shard folder: counts, caption lengths, "
                 "sources, quality and corruption mix",

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from .dataset import parse_mixture
+
 # ----------------------------------------------------------------------------- defaults
 GRID_MIN, GRID_MAX, GRID_SIZE = 0.01, 10.0, 25  # pixel units: images in [-1, 1]
 EPS = 0.05  # Ambient-o's cls_epsilon: "confused" means p(low quality) < 0.5 + eps
@@ -325,29 +327,23 @@ class AnnotateConfig:
     progress: bool = True
 
 
-def load_records(source: str, config: AnnotateConfig) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """Images (N, C, H, W) float32 in [-1, 1], keys and metas of every readable record of ``source``."""
-    from tqdm.auto import tqdm
+def load_records(source: str, config: AnnotateConfig) -> tuple[torch.Tensor, list[str], list[dict], Any]:
+    """Images (N, C, H, W) float32 in [-1, 1], keys and metas of every readable record of ``source``,
+    built as training builds it (``data.sources``), and the SkipReport of the items left out."""
+    from ..data.sources import DataSpec, build_dataset, read_records  # ambient/__init__ loads before data/
 
-    from ..train.config import DataConfig
-    from ..train.data import build_map_dataset
-
-    dataset = build_map_dataset(DataConfig(source=source, resolution=config.resolution, corruption=config.corruption,
-                                           vocabulary=dict(config.vocabulary), seed=config.data_seed))
-    images, keys, metas = [], [], []
-    for i in tqdm(range(len(dataset)), desc=f"read {source}", unit="img", disable=not config.progress,
-                  dynamic_ncols=True):
-        record = dataset[i]
-        if record is None:  # unreadable image, recorded in the dataset's report
-            continue
-        images.append(record["image"])
-        keys.append(str(record["key"]))
-        metas.append(record.get("meta") or {})
+    spec = DataSpec(source=source, resolution=config.resolution, corruption=config.corruption,
+                    vocabulary=dict(config.vocabulary), seed=config.data_seed)
+    dataset = build_dataset(spec, needs="images", command="annotate", progress=config.progress)
+    records, skips = read_records(dataset, f"read {source}", config.progress)
+    images = [r["image"] for r in records]
+    keys = [str(r["key"]) for r in records]
+    metas = [r.get("meta") or {} for r in records]
     if not images:
-        raise ValueError(f"{source}: no readable images")
+        raise ValueError(f"{source}: no readable images ({skips.summary()})")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{source}: sample keys are not unique; annotations need one key per sample")
-    return torch.stack(images).float(), keys, metas
+    return torch.stack(images).float(), keys, metas, skips
 
 
 @torch.no_grad()
@@ -402,7 +398,7 @@ def annotate(source: str, out: str | Path, config: AnnotateConfig | None = None)
     started = time.perf_counter()
     device = resolve_device(config.device)
     grid = sigma_grid(config.grid_min, config.grid_max, config.grid_size)
-    images, keys, metas = load_records(source, config)
+    images, keys, metas, skips = load_records(source, config)
     low_mask = np.array([is_low_quality(m, config.split, config.quality_threshold) for m in metas])
     n_low, n_high = int(low_mask.sum()), int((~low_mask).sum())
     rule = (f"quality < {config.quality_threshold}" if config.split == "quality" else "corruption not 'none'")
@@ -448,6 +444,7 @@ def annotate(source: str, out: str | Path, config: AnnotateConfig | None = None)
     _write_curves(out, summary)
     _plots(out, summary, sigma_tn)
     summary["seconds"]["total"] = time.perf_counter() - started
+    summary["skipped"] = skips.to_dict() | {"summary": skips.summary()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -519,38 +516,6 @@ def _plots(out: Path, summary: dict[str, Any], sigma_tn: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def parse_mixture(text: str) -> list[tuple[float, Any]]:
-    """``SPEC[@P][,SPEC@P...]`` (e.g. ``noise:0.3@0.5,blur:1.5@0.25``; a single bare SPEC means half the
-    images) or a YAML list of [probability, spec] pairs -> a ShapesDataset corruption mixture."""
-    from .corruptions import parse_corruption
-
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            mixture = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"--corruption {text!r}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(mixture, list):
-            raise ValueError(f"--corruption {text!r}: write a YAML list of [probability, spec] pairs")
-        return mixture
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise ValueError("--corruption is empty; write e.g. noise:0.3@0.5")
-    mixture = []
-    for item in items:
-        spec, at, p = item.partition("@")
-        if not at and len(items) > 1:
-            raise ValueError(f"--corruption {text!r}: give every entry its fraction, e.g. noise:0.3@0.5,blur:1.5@0.25")
-        try:
-            fraction = float(p) if at else 0.5
-        except ValueError:
-            raise ValueError(f"--corruption {item!r}: the fraction after @ must be a number in [0, 1]") from None
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"--corruption {item!r}: the fraction after @ must be in [0, 1]")
-        mixture.append((fraction, parse_corruption(spec)))
-    return mixture
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AnnotateConfig()
     parser.add_argument("source", help="shapes:N, an image folder, a manifest (.jsonl/.csv/.parquet) or hf:NAME")
@@ -626,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
               f"{acc[-1]:.3f} at sigma {summary['grid'][-1]:.3g}")
     print(f"low-quality sigma_tn: median {tn['median']:.4g}, range {tn['min']:.4g}..{tn['max']:.4g}; "
           f"{c['flagged']} flagged (never below the threshold, set to the top of the grid)")
+    print(summary["skipped"]["summary"])
     print(f"wrote {args.out}/annotations.csv (train with ambient.annotations: {args.out}/annotations.csv), "
           f"sigma_tn_hist.png, probability_curves.png, curves.csv, summary.json, classifier.pt "
           f"in {summary['seconds']['total']:.1f}s")

@@ -35,18 +35,82 @@ whose own transform flips or crops without saying so in ``meta["crop"]`` cannot 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import hashlib
+import json
+from typing import Any
+
+import yaml
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .corruptions import MASK_CORRUPTIONS, apply_corruption, sample_generator
+from .corruptions import MASK_CORRUPTIONS, apply_corruption, check_spec, parse_corruption, sample_generator
 
-if TYPE_CHECKING:  # data.shapes imports ambient.corruptions: import it lazily, so either package loads first
-    from ..data.shapes import Mixture
+__all__ = ["CorruptedDataset", "corrupt_record", "pick_corruption", "as_mixture", "Mixture", "parse_mixture"]
 
-__all__ = ["CorruptedDataset", "corrupt_record", "pick_corruption"]
+MIN_SIDE = 8  # the smallest image a mixture's specs are tried on
+
+Mixture = list[tuple[float, "dict[str, Any] | None"]]
+
+
+def as_mixture(corruption: Any, resolution: int = MIN_SIDE) -> Mixture:
+    """None | spec | "noise:0.2" | [(probability, spec or None), ...] -> a list of (p, spec); the
+    probability left over (1 - sum) goes to clean images. Every spec is tried once on a
+    ``resolution`` x ``resolution`` image, so bad values (e.g. a box larger than the image) fail now."""
+    if corruption is None:
+        return []
+    if isinstance(corruption, (str, dict)):
+        corruption = [(1.0, corruption)]
+    mixture = []
+    for entry in corruption:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise ValueError(f"corruption must be None, a spec dict, 'name:value' or a list of (probability, spec) "
+                             f"pairs; got the entry {entry!r}")
+        if isinstance(entry[0], bool) or not isinstance(entry[0], (int, float)):
+            raise ValueError(f"corruption: the probability of {entry[1]!r} must be a number in [0, 1], "
+                             f"got {entry[0]!r}")
+        p, spec = float(entry[0]), entry[1]
+        spec = parse_corruption(spec) if isinstance(spec, str) else spec
+        if spec is not None:  # check names and values now, not later inside a DataLoader worker
+            apply_corruption(torch.zeros(1, 3, resolution, resolution), check_spec(spec), torch.Generator())
+        if p < 0:
+            raise ValueError(f"corruption probabilities must be >= 0; got {p} for {spec}")
+        mixture.append((p, spec))
+    if sum(p for p, _ in mixture) > 1 + 1e-9:
+        raise ValueError(f"corruption probabilities sum to {sum(p for p, _ in mixture):.4g} > 1; the rest "
+                         "(1 - sum) is clean, so they must sum to at most 1")
+    return mixture
+
+
+def parse_mixture(text: str) -> list[tuple[float, Any]]:
+    """``SPEC[@P][,SPEC@P...]`` (e.g. ``noise:0.3@0.5,blur:1.5@0.25``; a single bare SPEC means half the
+    images) or a YAML list of [probability, spec] pairs -> a ShapesDataset corruption mixture."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            mixture = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--corruption {text!r}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(mixture, list):
+            raise ValueError(f"--corruption {text!r}: write a YAML list of [probability, spec] pairs")
+        return mixture
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError("--corruption is empty; write e.g. noise:0.3@0.5")
+    mixture = []
+    for item in items:
+        spec, at, p = item.partition("@")
+        if not at and len(items) > 1:
+            raise ValueError(f"--corruption {text!r}: give every entry its fraction, e.g. noise:0.3@0.5,blur:1.5@0.25")
+        try:
+            fraction = float(p) if at else 0.5
+        except ValueError:
+            raise ValueError(f"--corruption {item!r}: the fraction after @ must be a number in [0, 1]") from None
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"--corruption {item!r}: the fraction after @ must be in [0, 1]")
+        mixture.append((fraction, parse_corruption(spec)))
+    return mixture
 
 
 def pick_corruption(mixture: Mixture, u: float) -> dict[str, Any] | None:
@@ -106,7 +170,7 @@ def _corrupt_image(image: torch.Tensor, spec: dict[str, Any], generator: torch.G
 
 def corrupt_record(record: dict[str, Any], mixture: Mixture, seed: int = 0) -> dict[str, Any]:
     """A new record: ``record`` corrupted by the spec of ``mixture`` (already normalised by
-    ``_as_mixture``) that its key's generator picks; clean records come back as a shallow copy."""
+    ``as_mixture``) that its key's generator picks; clean records come back as a shallow copy."""
     generator = sample_generator(record["key"], seed)
     spec = pick_corruption(mixture, float(torch.rand((), generator=generator, dtype=torch.float64)))
     out = dict(record, meta=dict(record["meta"]))
@@ -153,10 +217,8 @@ class CorruptedDataset(Dataset):
         if resolution is None:
             raise ValueError(f"CorruptedDataset: cannot tell the image size of {type(dataset).__name__}; pass "
                              "resolution=... (the side of its images) so the mixture's sizes are checked now")
-        from ..data.shapes import _as_mixture
-
         self.dataset, self.seed = dataset, int(seed)
-        self.mixture = _as_mixture(mixture, int(resolution))
+        self.mixture = as_mixture(mixture, int(resolution))
         specs = [spec for _, spec in self.mixture if spec is not None]
         self.has_mask = any(spec["name"] in MASK_CORRUPTIONS for spec in specs)
         self.per_element = any(spec["name"] == "dust" and spec.get("per_element") for spec in specs)
@@ -176,6 +238,22 @@ class CorruptedDataset(Dataset):
         """Passed on to the wrapped dataset (its crops and flips); the corruptions do not change."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+    def probe(self, index: int) -> Any:
+        """Why the wrapped dataset skips item ``index`` (None if it does not, or cannot say)."""
+        probe = getattr(self.dataset, "probe", None)
+        return probe(index) if callable(probe) else None
+
+    def fingerprint(self, index: int) -> str:
+        """The wrapped item's fingerprint with the mixture and seed: what the corrupted record is made from."""
+        inner = getattr(self.dataset, "fingerprint", None)
+        base = inner(index) if callable(inner) else None
+        if base is None:  # a dataset that cannot say: its decoded record
+            record = self.dataset[index]
+            base = "<skipped>" if record is None else hashlib.sha256(
+                record["image"].contiguous().numpy().tobytes() + json.dumps(
+                    [record.get("caption"), record.get("key"), record.get("meta")], default=str).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([base, self.mixture, self.seed], default=str).encode()).hexdigest()
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.dataset[index]

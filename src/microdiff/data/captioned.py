@@ -6,6 +6,11 @@
                                             loader script/"imagefolder", or a save_to_disk folder)
     make_dataset(spec, ...)                 picks one from a string: folder, manifest file,
                                             "hf:<name>" or a saved HF dataset folder
+                                            (commands use data/sources.py, the one home of
+                                            "source string -> dataset", which builds on these)
+
+Manifests are read as UTF-8 (a byte-order mark dropped) or, failing that, Windows-1252/Latin-1 with
+a warning (:func:`read_text`); repeated keys are made unique with a warning (:func:`unique_keys`).
 
 A record's ``image`` is float32 (3, R, R) in [-1, 1], ``caption`` a str, ``key`` a stable id and
 ``meta`` a dict with the source's other fields, among them the ones ambient training reads:
@@ -34,9 +39,11 @@ sized mask file is a bad item (reason "bad mask"), reported under ``on_error`` l
 
 from __future__ import annotations
 
-import argparse
 import csv
+import hashlib
+import io
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -53,7 +60,10 @@ from .report import DataError, OnError, Skip, SkipReport
 from .transforms import CropParams, ImageError, ImageTransform, crop_meta, open_image, transform_mask
 
 __all__ = ["IMAGE_SUFFIXES", "CaptionedDataset", "ImageFolderDataset", "ManifestDataset", "HFImageDataset",
-           "make_dataset", "collate_records", "check_dataset", "validate_meta", "read_mask", "add_arguments", "run"]
+           "make_dataset", "collate_records", "check_dataset", "validate_meta", "read_mask", "read_manifest",
+           "read_text", "unique_keys"]
+
+logger = logging.getLogger("microdiff.data")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".jsonl", ".csv", ".parquet"}
@@ -109,6 +119,12 @@ def validate_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+# where users set the columns: the config key, the command-line option, the class argument
+_OPTION_NAMES = {"caption_column": "data.caption_column (--caption-column; caption_column=...)",
+                 "path_column": "data.image_column (--image-column; path_column=...)",
+                 "image_column": "data.image_column (--image-column; image_column=...)"}
+
+
 def _first_present(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
     present = set(columns)
     return next((c for c in candidates if c in present), None)
@@ -119,7 +135,7 @@ def _pick_column(columns: list[str], requested: str | None, candidates: tuple[st
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"{where}: no {what} column {requested!r}; the columns are {', '.join(columns)}; "
-                             f"pass one of them as {option}=...")
+                             f"choose one with {_OPTION_NAMES.get(option, option + '=...')}")
         return requested
     return _first_present(columns, candidates)
 
@@ -130,7 +146,56 @@ def _is_url(value: Any) -> bool:
 
 def _url_error(where: str, value: str) -> ValueError:
     return ValueError(f"{where}: the image is a URL ({value[:80]}); images are not downloaded here: run "
-                      "`microdiff data download` on this manifest first and use the manifest it writes")
+                      "`microdiff data download MANIFEST --out DIR` first and use DIR (its shard folder) as the source")
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a leading byte-order mark, as Excel writes, is dropped); a file that is not
+    UTF-8 is read as Windows-1252 (Latin-1 with the printable 0x80-0x9F range), with a warning naming
+    the first byte that is not UTF-8, because that is what spreadsheet programs write otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        logger.warning("%s is not UTF-8 (byte 0x%02x on line %d); reading it as Windows-1252/Latin-1. Save it as "
+                       "UTF-8 to be sure the captions are read as written", path, data[err.start], line)
+    return data.decode("cp1252", errors="strict") if _is_cp1252(data) else data.decode("latin-1")
+
+
+def _is_cp1252(data: bytes) -> bool:
+    return not any(b in data for b in (b"\x81", b"\x8d", b"\x8f", b"\x90", b"\x9d"))  # undefined in cp1252
+
+
+def unique_keys(entries: list["Entry"], name: str) -> int:
+    """Make the keys of ``entries`` unique in place: the first entry with a key keeps it, the n-th
+    later one becomes ``key#n``. Keys seed each sample's corruption and noise and name its ambient
+    annotation, so two rows sharing a key would share both; unique keys keep every row its own
+    sample. Logs one warning with the counts; returns the number of renamed entries."""
+    seen: Counter[str] = Counter(e.key for e in entries)
+    repeated = {k: n for k, n in seen.items() if n > 1}
+    if not repeated:
+        return 0
+    taken, count = set(seen), Counter()
+    renamed = 0
+    for entry in entries:
+        if entry.key not in repeated:
+            continue
+        count[entry.key] += 1
+        if count[entry.key] == 1:
+            continue
+        n = count[entry.key]
+        while f"{entry.key}#{n}" in taken:
+            n += 1
+        entry.key = f"{entry.key}#{n}"
+        taken.add(entry.key)
+        renamed += 1
+    example = next(iter(repeated))
+    logger.warning("%s: %d key%s occur more than once (%d rows, e.g. %r); the repeats are renamed key#2, key#3, ... "
+                   "so each row gets its own corruption, noise and annotation. Give every row its own key to choose "
+                   "the names yourself", name, len(repeated), "s" if len(repeated) != 1 else "", sum(repeated.values()),
+                   example)
+    return renamed
 
 
 # ----------------------------------------------------------------------------- the dataset family
@@ -241,6 +306,23 @@ class CaptionedDataset(Dataset):
             self._skip(self._entry(index).label, err.reason, err.detail)
             return None
 
+    def caption_meta(self, index: int) -> tuple[str | list[str], dict[str, Any]]:
+        """The item's caption (or its list of captions) and meta, without decoding its image."""
+        entry = self._entry(index)
+        return entry.caption, dict(entry.meta)
+
+    def fingerprint(self, index: int) -> str:
+        """A content hash of what item ``index`` is made from: key, caption(s), meta, the image's bytes,
+        its mask file's bytes, and the transform. Equal fingerprints, equal records."""
+        entry = self._entry(index)
+        digest = hashlib.sha256(json.dumps([entry.key, entry.caption, repr(self.transform)], default=str).encode())
+        digest.update(json.dumps(entry.meta, sort_keys=True, default=str).encode())
+        digest.update(_content(entry.image))
+        mask = entry.meta.get("mask_file")
+        if isinstance(mask, str) and isinstance(entry.image, str):
+            digest.update(_content(str(Path(entry.image).parent / mask)))
+        return digest.hexdigest()
+
     def probe(self, index: int) -> Skip | None:
         """Load item ``index`` and say why it would be skipped (None if it is fine); records nothing."""
         try:
@@ -248,6 +330,16 @@ class CaptionedDataset(Dataset):
         except ImageError as err:
             return Skip(self._entry(index).label, err.reason, err.detail)
         return None
+
+
+def _content(image: str | bytes) -> bytes:
+    """Bytes of an image (a file's, or the bytes themselves) for a fingerprint; a marker if unreadable."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    try:
+        return Path(image).read_bytes()
+    except OSError as err:
+        return f"<unreadable: {err.strerror or err}>".encode()
 
 
 def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -389,7 +481,7 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[str], str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows, columns = [], {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -402,17 +494,22 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[str], str]:
             rows.append(row)
         return rows, list(columns), "line"
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        try:
             rows = list(reader)
-            return rows, list(reader.fieldnames or []), "row"
+        except csv.Error as err:
+            raise ValueError(f"{path}, row {reader.line_num}: not valid CSV ({err})") from None
+        return rows, list(reader.fieldnames or []), "row"
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError("reading .parquet manifests needs pyarrow: "
                               "pip install 'microdiff[data]' (or pyarrow)") from None
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises its own types for damaged files
+            raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
         return table.to_pylist(), list(table.column_names), "row"
     raise ValueError(f"{path}: unknown manifest type {suffix!r}; use .jsonl, .csv or .parquet")
 
@@ -447,16 +544,17 @@ class ManifestDataset(CaptionedDataset):
             if url is not None:
                 raise _url_error(f"{path}, column {url!r}", str(next((r[url] for r in rows if r.get(url)), "")))
             raise ValueError(f"{path}: no image path column (tried {', '.join(PATH_COLUMNS)}); the columns are "
-                             f"{listed}; pass path_column=...")
+                             f"{listed}; choose one with {_OPTION_NAMES['path_column']}")
         self.caption_column = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(path),
                                            "caption_column")
         if self.caption_column is None and not self.allow_missing_captions:
             raise ValueError(f"{path}: no caption column (tried {', '.join(CAPTION_COLUMNS)}); the columns are "
-                             f"{listed}; pass caption_column=... or allow_missing_captions=True")
+                             f"{listed}; choose one with {_OPTION_NAMES['caption_column']}")
         for n, row in enumerate(tqdm(rows, desc=f"indexing {path.name}", unit="row", disable=not self.progress), 1):
             entry = self._index_row(row, f"{path}, {unit} {n}", n)
             if entry is not None:
                 self.entries.append(entry)
+        unique_keys(self.entries, str(path))
 
     def _index_row(self, row: dict[str, Any], where: str, n: int) -> Entry | None:
         row = dict(row)
@@ -522,17 +620,27 @@ class HFImageDataset(CaptionedDataset):
         self.image_column = _pick_column(columns, image_column, PATH_COLUMNS, "image", name, "image_column")
         if self.image_column is None:
             raise ValueError(f"{name}: no image column (no Image feature and none of {', '.join(PATH_COLUMNS)}); "
-                             f"the columns are {listed}; pass image_column=...")
+                             f"the columns are {listed}; choose one with {_OPTION_NAMES['image_column']}")
         self.caption_column = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", name,
                                            "caption_column")
         if self.caption_column is None and not self.allow_missing_captions:
             raise ValueError(f"{name}: no caption column (tried {', '.join(CAPTION_COLUMNS)}); the columns are "
-                             f"{listed}; pass caption_column=... or allow_missing_captions=True")
+                             f"{listed}; choose one with {_OPTION_NAMES['caption_column']}")
         if isinstance(ds.features[self.image_column], datasets.Image):
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         self.dataset, self.image_root = ds, None if image_root is None else Path(image_root)
         self._validate_columns(ds)
         self.rows = self._index_captions(ds)
+        self.keys = self._index_keys(ds)
+
+    def _index_keys(self, ds: Any) -> list[str] | None:
+        """Unique keys of the kept rows from a "key" column (see :func:`unique_keys`), or None without one."""
+        if "key" not in ds.column_names:
+            return None
+        raw = ds.with_format("arrow")["key"].to_pylist()
+        entries = [Entry(str(raw[r]) if not _blank(raw[r]) else f"{r:08d}", b"", "") for r in self.rows]
+        unique_keys(entries, self.name)
+        return [e.key for e in entries]
 
     @staticmethod
     def _open(datasets: Any, name_or_path: Any, split: str, data_dir: Any, data_files: Any,
@@ -596,13 +704,16 @@ class HFImageDataset(CaptionedDataset):
             value = b""  # decoded as an empty file: reported, not crashed on
         caption = caption.strip() if isinstance(caption, str) else (caption or "")  # rows with none were dropped
         meta = validate_meta(values, f"{self.name}, row {row}")
-        return Entry(str(key) if not _blank(key) else f"{row:08d}", value, caption, meta, label)
+        key = self.keys[index] if self.keys is not None else f"{row:08d}"
+        return Entry(key, value, caption, meta, label)
 
 
 # ----------------------------------------------------------------------------- choosing a source
 def make_dataset(spec: str | os.PathLike, transform: Transform | None = None, *, resolution: int | None = None,
                  **kwargs: Any) -> CaptionedDataset:
-    """The dataset a string names: an image folder, a .jsonl/.csv/.parquet manifest, ``hf:<name>``
+    """The captioned dataset a string names (commands go through ``data.sources.build_dataset``, which
+    calls this for these kinds and adds the other sources and filters): an image folder, a
+    .jsonl/.csv/.parquet manifest, ``hf:<name>``
     (a hub dataset or loader, e.g. ``hf:imagefolder`` with ``data_dir=...``) or a folder written by
     ``save_to_disk``. Give a ``transform`` or a ``resolution`` (then a center-crop ImageTransform);
     other keyword arguments go to the dataset class."""
@@ -627,36 +738,3 @@ def make_dataset(spec: str | os.PathLike, transform: Transform | None = None, *,
                          "a .jsonl/.csv/.parquet manifest, hf:<name>, or a folder saved with datasets' save_to_disk")
     raise ValueError(f"{text}: not a dataset source (suffix {path.suffix!r}); use an image folder, a "
                      ".jsonl/.csv/.parquet manifest, hf:<name>, or a folder saved with datasets' save_to_disk")
-
-
-# ----------------------------------------------------------------------------- `microdiff data check`
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``microdiff data check``: decode every image of a dataset and report what fails."""
-    parser.description = ("Decode every image of a dataset through the training transform and write a "
-                          "report of what would be skipped, and why. Examples:\n"
-                          "  microdiff data check images/ --resolution 256 --min-size 128 --out skips\n"
-                          "  microdiff data check train.jsonl --image-root /data/imgs --workers 4")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("source", help="image folder, .jsonl/.csv/.parquet manifest, hf:<name> or save_to_disk folder")
-    parser.add_argument("--resolution", type=int, default=256, help="training resolution (default 256)")
-    parser.add_argument("--min-size", type=int, default=None, help="skip images whose short side is smaller")
-    parser.add_argument("--image-root", default=None, help="manifests: folder relative image paths start from")
-    parser.add_argument("--split", default=None, help="Hugging Face datasets: split (default train)")
-    parser.add_argument("--allow-missing-captions", action="store_true", help="use '' for missing captions")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--out", default="skip_report", help="writes OUT.json and OUT.csv (default skip_report)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``microdiff data check``: returns 0 (the report says what was skipped)."""
-    kwargs: dict[str, Any] = {"allow_missing_captions": args.allow_missing_captions, "progress": not args.no_progress}
-    if args.image_root is not None:
-        kwargs["image_root"] = args.image_root
-    if args.split is not None:
-        kwargs["split"] = args.split
-    dataset = make_dataset(args.source, ImageTransform(args.resolution, min_size=args.min_size), **kwargs)
-    report = check_dataset(dataset, num_workers=args.workers, progress=not args.no_progress)
-    json_path, csv_path = report.write(args.out)
-    print(f"{report.summary()}; {len(dataset)} items indexed; report: {json_path}, {csv_path}")
-    return 0

@@ -1,115 +1,95 @@
 """``microdiff data inspect``: what is in a dataset, without decoding its images.
 
-Reads only captions and metadata: sidecar ``.txt``/``.json`` files of an image folder, the rows of a
-manifest (jsonl / csv / parquet), the ``.txt``/``.json`` members of webdataset tars (downloaded or
-precomputed shards, with their ``dataset.json``), or the attributes of the built-in ``shapes:N``.
-Prints counts, caption length statistics and the mix of sources, quality and corruptions, and can
-write the summary as JSON plus a caption-length histogram PNG.
+The source is indexed exactly as training indexes it (``data/sources.py``): the counts are the
+samples training would use and the items it would skip while indexing, by reason (missing or blank
+captions, captions that are not UTF-8, malformed JSON sidecars, hidden files left out, ...). Images
+are not decoded here, so a corrupt image still counts as a sample: ``microdiff data check`` decodes
+them. Captions and metadata come from sidecar ``.txt``/``.json`` files of an image folder, the rows of
+a manifest (jsonl / csv / parquet), the members of image shards (a ``microdiff data download``
+folder), the ``caption.txt``/``meta.json`` members of precomputed latent shards, MDS rows, or the
+attributes of the built-in ``shapes:N``. Prints counts, caption length statistics and the mix of
+sources, quality and corruptions, and can write the summary as JSON plus a caption-length histogram.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .captioned import CAPTION_COLUMNS, IMAGE_SUFFIXES
+from ..utils.errors import UserError
+from .report import SkipReport
+from .shards import ShardError, iter_tar, list_shards, read_dataset_info
+from .sources import (DataSpec, add_source_arguments, build_dataset, caption_meta, check_out_path, nonnegative_int,
+                      skip_report, source_kind)
 
+INSPECT_RESOLUTION = 16  # what datasets are built at here (images are not decoded; shapes:N renders small)
 
 
 # ----------------------------------------------------------------------------- readers
-def iter_folder(root: Path) -> Iterator[dict[str, Any]]:
-    """Image files with their sidecars; an image without a caption yields caption None."""
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        meta: dict[str, Any] = {}
-        side_json, side_txt = image.with_suffix(".json"), image.with_suffix(".txt")
-        if side_json.exists():
-            meta = json.loads(side_json.read_text())
-        caption = side_txt.read_text().strip() if side_txt.exists() else _caption_of(meta)
+def iter_latent_shards(source: str, report: SkipReport) -> Iterator[dict[str, Any]]:
+    """Caption and meta of every sample of precomputed shards (their arrays are not decoded)."""
+    urls, _ = list_shards(source)
+    for url in urls:
+        try:
+            for key, fields in iter_tar(url, keep=None):
+                try:
+                    caption = fields["caption.txt"].decode("utf-8")
+                    meta = json.loads(fields.get("meta.json", b"{}"))
+                except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                    report.add(f"{url}:{key}", "corrupt sample", f"{type(err).__name__}: {err}")
+                    continue
+                yield {"caption": caption, "meta": meta}
+        except ShardError as err:
+            report.add(url, "damaged shard (training stops there)", str(err))
+
+
+def iter_source(source: str, spec: DataSpec | None = None, report: SkipReport | None = None,
+                progress: bool = False) -> Iterator[dict[str, Any]]:
+    """``{"caption", "meta"}`` of every sample training would use; what it would skip goes to ``report``."""
+    report = report if report is not None else SkipReport(source)
+    spec = spec or DataSpec(source=source, resolution=INSPECT_RESOLUTION)
+    if source_kind(source) == "latent-shards":
+        yield from iter_latent_shards(source, report)
+        return
+    dataset = build_dataset(spec, command="data inspect", progress=progress, allow_empty=True, log_skips=False)
+    index_skips = skip_report(dataset)
+    if index_skips is not None:
+        report.merge(index_skips)
+    for i in tqdm(range(len(dataset)), desc=f"reading {source}", unit="item", disable=not progress, leave=False):
+        caption, meta = caption_meta(dataset, i)
         yield {"caption": caption, "meta": meta}
 
 
-def iter_manifest(path: Path) -> Iterator[dict[str, Any]]:
-    from .captioned import read_manifest  # the datasets' own reader: same columns, same errors
-
-    rows, _, _ = read_manifest(path)
-    for row in rows:
-        yield {"caption": _caption_of(row), "meta": row}
-
-
-def iter_tars(root: Path) -> Iterator[dict[str, Any]]:
-    """Samples of webdataset tars: ``<key>.txt``/``<key>.caption.txt`` and ``<key>.json``/``<key>.meta.json``."""
-    tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
-    for tar_path in tars:
-        samples: dict[str, dict[str, Any]] = {}
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                entry = samples.setdefault(key, {"caption": None, "meta": {}})
-                if ext in ("txt", "caption.txt"):
-                    entry["caption"] = tar.extractfile(member).read().decode("utf-8").strip()
-                elif ext in ("json", "meta.json"):
-                    entry["meta"] = json.loads(tar.extractfile(member).read())
-        yield from samples.values()
-
-
-def iter_shapes(n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
-    from .shapes import ShapesDataset
-
-    data = ShapesDataset(n, resolution=16, seed=seed)
-    for i in range(n):
-        record = data[i]
-        yield {"caption": record["caption"], "meta": record["meta"]}
-
-
-def iter_source(source: str) -> Iterator[dict[str, Any]]:
-    if source.startswith("shapes:"):
-        return iter_shapes(int(source.split(":", 1)[1]))
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or folder (inspect takes an image folder, a manifest, "
-                                "a folder of .tar shards or shapes:N)")
-    if path.is_file():
-        return iter_tars(path) if path.suffix == ".tar" else iter_manifest(path)
-    if any(path.glob("*.tar")):
-        return iter_tars(path)
-    return iter_folder(path)
-
-
-def _caption_of(row: dict[str, Any]) -> str | None:
-    for field in CAPTION_COLUMNS:
-        if isinstance(row.get(field), str):
-            return row[field]
-    return None
-
-
 # ----------------------------------------------------------------------------- summary
-def summarise(samples: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    words, chars, missing = [], [], 0
+def summarise(samples: Iterator[dict[str, Any]], report: SkipReport | None = None) -> dict[str, Any]:
+    words, chars, missing, count = [], [], 0, 0
     sources, corruptions, quality = Counter(), Counter(), []
     for sample in samples:
+        count += 1
         caption, meta = sample["caption"], sample["meta"] or {}
-        if caption is None:
-            missing += 1
-        else:
-            words.append(len(caption.split()))
-            chars.append(len(caption))
+        options = caption if isinstance(caption, list) else [caption]
+        options = [c for c in options if isinstance(c, str) and c.strip()]
+        if not options:
+            missing += 1  # allowed here (allow_missing_captions): trains with the empty caption
+        for text in options:  # every caption of a sample that has several (one is drawn per epoch)
+            words.append(len(text.split()))
+            chars.append(len(text))
         sources[str(meta.get("source", "unknown"))] += 1
-        corruption = meta.get("corruption")
-        corruptions[_corruption_name(corruption)] += 1
-        if isinstance(meta.get("quality"), (int, float)):
+        corruptions[_corruption_name(meta.get("corruption"))] += 1
+        if isinstance(meta.get("quality"), (int, float)) and not isinstance(meta.get("quality"), bool):
             quality.append(float(meta["quality"]))
-    count = len(words) + missing
+    skipped = report.counts if report is not None else {}
     return {
         "samples": count,
-        "missing_captions": missing,
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": skipped,
+        "missing_captions": skipped.get("missing caption", 0) + missing,
         "caption_words": _stats(words),
         "caption_chars": _stats(chars),
         "sources": dict(sources.most_common()),
@@ -136,7 +116,11 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def format_summary(source: str, summary: dict[str, Any]) -> str:
-    lines = [f"{source}: {summary['samples']} samples, {summary['missing_captions']} without caption"]
+    skipped = summary.get("skipped_by_reason", {})
+    reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items())
+    head = f"{source}: {summary['samples']} samples"
+    head += f", {summary['skipped']} skipped ({reasons})" if skipped else ", nothing skipped"
+    lines = [head + " (images not decoded: `microdiff data check` finds unreadable ones)"]
     for key in ("caption_words", "caption_chars", "quality"):
         stats = summary[key]
         if stats and "mean" in stats:
@@ -149,18 +133,24 @@ def format_summary(source: str, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inspect_source(source: str, json_path: str | None = None, plot_path: str | None = None) -> dict[str, Any]:
-    summary = summarise(iter_source(source))
+def inspect_source(source: str, json_path: str | None = None, plot_path: str | None = None,
+                   spec: DataSpec | None = None, progress: bool = False) -> dict[str, Any]:
+    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
+        if path and Path(path).is_dir():
+            raise UserError(f"{what} {path}: is a folder; give a file name")
+        if path:
+            check_out_path(Path(path).parent, what)
+    report = SkipReport(source, warn_first=0)  # the summary lists the reasons
+    summary = summarise(iter_source(source, spec, report, progress), report)
     words = summary.pop("_caption_words")
-    index = Path(source) / "dataset.json"
-    if index.is_file():  # precomputed shards say which encoders made them
-        info = json.loads(index.read_text())
+    if source_kind(source) == "latent-shards":  # precomputed shards say which encoders made them
+        info = read_dataset_info(source)
         summary["shards"] = {k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k.endswith("encoder")}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"source": source, **summary}, indent=2))
     if plot_path and words:
-        from ..utils.plots import histogram
+        from ..utils.plots import histogram  # matplotlib: only when a plot is asked for
 
         histogram(words, plot_path, bins=min(40, max(words) - min(words) + 1),
                   title=f"caption length ({summary['samples']} samples)", xlabel="words")
@@ -169,14 +159,22 @@ def inspect_source(source: str, json_path: str | None = None, plot_path: str | N
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("source", help="image folder, manifest (.jsonl/.csv/.parquet), folder of .tar shards, or shapes:N")
+    parser.add_argument("source", help="image folder, manifest (.jsonl/.csv/.parquet), hf:NAME, image shard folder "
+                                       "(microdiff data download), latent shard folder, mds:PATH or shapes:N")
     parser.add_argument("--json", help="also write the summary to this JSON file")
     parser.add_argument("--plot", help="also write a caption-length histogram PNG here")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a shapes:N source (default 0)")
+    add_source_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:
-    summary = inspect_source(args.source, args.json, args.plot)
+    spec = DataSpec(source=args.source, resolution=INSPECT_RESOLUTION, seed=args.seed,
+                    caption_column=args.caption_column, image_column=args.image_column)
+    summary = inspect_source(args.source, args.json, args.plot, spec, progress=not args.no_progress)
     print(format_summary(args.source, summary))
+    if summary["samples"] == 0:
+        raise UserError(f"{args.source}: training would use none of its items (see the reasons above)")
     return 0
 
 

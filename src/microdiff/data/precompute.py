@@ -4,10 +4,20 @@
     rank r of world_size writes the shards with k % world_size == r      (torchrun: env RANK, ...)
 
 Each shard is written to a hidden temporary file and renamed when complete, then its record
-``shard-<k>.json`` (counts, skipped items) is written: that record marks it done, so a rerun skips
-finished shards and redoes only the rest. Items the dataset returns as ``None`` (corrupt images it
-reported and skipped) are counted per shard and listed in ``dataset.json``. Whichever rank finds
-all shards done after its own writes ``dataset.json`` (atomically; no torch.distributed needed).
+``shard-<k>.json`` (counts, skipped items, a content hash of its inputs) is written: that record
+marks it done, so a rerun skips finished shards and redoes only the rest. Items the dataset returns
+as ``None`` (corrupt images it reported and skipped) are counted per shard and listed in
+``dataset.json``. Whichever rank finds all shards done after its own writes ``dataset.json``
+(atomically; no torch.distributed needed).
+
+Reruns never keep stale shards: a shard's record holds ``inputs``, a hash of the fingerprints of its
+items (``data.sources.item_fingerprint``: key, caption, meta and the image's bytes, or what a
+procedural item is a function of), and a rerun whose items hash otherwise (a caption was edited, an
+image replaced, items added or removed) redoes that shard and says so; shards past the new end are
+removed, and ``dataset.json`` is rewritten. Settings that change every shard (encoders, dtype, shard
+size, and ``compare``: the resolution, seed, corruption, ... a command passes) are refused in one
+line naming what changed. A folder that holds other files and no precompute output is refused too.
+A dataset with no item, or one whose every item is skipped, is an error naming the source.
 
 Encoders follow :mod:`microdiff.encoders.base`: ``Autoencoder.encode(images) -> latents`` and
 ``TextEncoder.encode(captions) -> TextEncoding``; their ``identifier`` goes into every record so that
@@ -16,6 +26,8 @@ training can check it uses the same ones, and a rerun refuses to mix shards of o
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,18 +38,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..ambient.dataset import parse_mixture
+from ..encoders.image import load_autoencoder, resolve_dtype
+from ..encoders.text import load_text_encoder
 from ..utils.devices import resolve_device, resolve_dist
+from ..utils.errors import UserError
+from .report import Skip, SkipReport
 from .shards import (FORMAT, INFO_NAME, encode_sample, remove_stale_temporaries, shard_name, write_json_atomic,
                      write_shard)
+from .sources import (DataSpec, add_source_arguments, build_dataset, check_out_path, item_fingerprint,
+                      nonnegative_int, positive_int, require_images, skip_report)
 
 RECORD_FIELDS = ("image", "caption", "key", "meta")
-CHECKED = ("autoencoder", "text_encoder", "shard_size", "num_items", "dtype")
+CHECKED = ("autoencoder", "text_encoder", "shard_size", "dtype", "compare")
+OURS = ("shard-*.tar", "shard-*.json", INFO_NAME, ".shard-*", f".{INFO_NAME}.tmp-*")
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    from ..encoders.image import resolve_dtype
-
     dtype = resolve_dtype(dtype)
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"dtype {dtype}: shards store float16 or float32 (.npy has no bfloat16)")
@@ -53,10 +72,42 @@ def _done(out: Path, k: int) -> bool:
 
 
 def _check_record(record: dict[str, Any], want: dict[str, Any], path: Path) -> None:
-    wrong = [f"{name} {record.get(name)!r} (now {want[name]!r})" for name in CHECKED if record.get(name) != want[name]]
+    wrong = []
+    for name in CHECKED:
+        had, now = record.get(name), want[name]
+        if name == "compare":
+            had = had or {}
+            wrong += [f"{k} {had.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(had) | set(now))
+                      if had.get(k) != now.get(k)]
+        elif had != now:
+            wrong.append(f"{name} {had!r} (now {now!r})")
     if wrong:
-        raise ValueError(f"{path}: this folder holds shards made with {', '.join(wrong)}; write to another "
-                         "--out folder, or delete the old shards to redo them")
+        raise UserError(f"{path}: this folder holds shards made with {', '.join(wrong)}; write to another "
+                        "--out folder, or delete the old shards to redo them")
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse a folder that holds files but none of precompute's: another tool's or the user's data."""
+    if not out.is_dir():
+        return
+    ours = {p for pattern in OURS for p in out.glob(pattern)}
+    others = sorted(p.name for p in out.iterdir() if p not in ours)
+    if others and not ours:
+        raise UserError(f"--out {out}: the folder exists and holds other files (e.g. {others[0]}) but no precompute "
+                        "shards; choose a new or empty folder")
+
+
+def shard_inputs(dataset, begin: int, end: int) -> str:
+    """A hash of the fingerprints of items [begin, end): equal hashes, equal shard contents."""
+    digest = hashlib.sha256(f"{begin}:{end}".encode())
+    for i in range(begin, end):
+        digest.update(item_fingerprint(dataset, i).encode())
+    return digest.hexdigest()
+
+
+def _remove_shard(out: Path, k: int) -> None:
+    (out / shard_name(k)).unlink(missing_ok=True)
+    _record_path(out, k).unlink(missing_ok=True)
 
 
 def _keep_list(batch: list[Any]) -> list[Any]:
@@ -168,13 +219,15 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
                batch_size: int = 32, device: str | torch.device | None = "cpu",
                dtype: torch.dtype | str = torch.float16,
                rank: int | None = None, world_size: int | None = None, progress: bool = True, num_workers: int = 0,
-               settings: dict[str, Any] | None = None) -> dict[str, Any]:
+               settings: dict[str, Any] | None = None, compare: dict[str, Any] | None = None) -> dict[str, Any]:
     """Encode ``dataset`` (map-style: ``len`` and ``[i]`` -> record dict or None) into shards in
     ``out_dir``; see the module docstring. ``rank``/``world_size`` None: torchrun's env (else 0/1).
     ``settings``: extra creation settings to keep in dataset.json (e.g. the source spec).
+    ``compare``: settings a rerun must share (JSON values; a change is refused naming it).
 
-    Returns a report: shards total / written now / already done, samples and skipped items written
-    now, whether the folder is complete, the dataset.json path (None until complete), seconds.
+    Returns a report: shards total / written now / already done / redone because their inputs
+    changed / removed past the end, samples and skipped items written now, whether the folder is
+    complete, the dataset.json path (None until complete), seconds.
     """
     start_time = time.time()
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
@@ -184,23 +237,42 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
     dtype = _resolve_dtype(dtype)
     rank, world_size = resolve_dist(rank, world_size)
     device = resolve_device(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    name = str((settings or {}).get("source", out_dir))
+    out = check_out_path(out_dir)
+    _check_out_folder(out)
     n = len(dataset)
+    if n == 0:
+        raise UserError(f"{name}: the dataset has no items, so there is nothing to precompute")
+    out.mkdir(parents=True, exist_ok=True)
     num_shards = math.ceil(n / shard_size)
     common = {"autoencoder": autoencoder.identifier, "text_encoder": text_encoder.identifier,
-              "shard_size": int(shard_size), "num_items": n, "dtype": str(dtype).removeprefix("torch.")}
-    for k in range(num_shards):
-        if _record_path(out, k).is_file():
-            _check_record(json.loads(_record_path(out, k).read_text()), common, _record_path(out, k))
+              "shard_size": int(shard_size), "num_items": n, "dtype": str(dtype).removeprefix("torch."),
+              "compare": json.loads(json.dumps(compare or {}, default=str))}
+    records = {}
+    for path in sorted(out.glob("shard-*.json")):
+        k = path.stem.removeprefix("shard-")
+        if k.isdigit():
+            records[int(k)] = _read_record(path)
+            _check_record(records[int(k)], common, path)
+    removed = [k for k in records if k >= num_shards and k % world_size == rank]
+    for k in removed:  # items were removed: these shards lie past the end now
+        _remove_shard(out, k)
     mine = [k for k in range(rank, num_shards, world_size)]
-    todo = [k for k in mine if not _done(out, k)]
+    inputs = {}
+    redone = []
+    for k in mine:
+        if _done(out, k):
+            begin, end = k * shard_size, min(n, (k + 1) * shard_size)
+            inputs[k] = shard_inputs(dataset, begin, end)
+            if records[k].get("inputs") != inputs[k] or records[k].get("items") != [begin, end]:
+                redone.append(k)
+    todo = [k for k in mine if not _done(out, k) or k in redone]
+    if todo or removed:  # the folder changes: it is not complete until the last shard is written again
+        (out / INFO_NAME).unlink(missing_ok=True)
 
     for model in (autoencoder, text_encoder):
         if isinstance(model, torch.nn.Module):
             model.to(device).eval()
-    from tqdm.auto import tqdm
-
     total = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
     samples_written, skipped_now = 0, 0
     with tqdm(total=total, desc=f"precompute rank {rank}/{world_size}", unit="img", disable=not progress,
@@ -209,6 +281,8 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
             begin, end = k * shard_size, min(n, (k + 1) * shard_size)
             remove_stale_temporaries(out / shard_name(k))
             remove_stale_temporaries(_record_path(out, k))
+            _record_path(out, k).unlink(missing_ok=True)  # not done until rewritten (a redone shard's old record)
+            shard_hash = inputs.get(k) or shard_inputs(dataset, begin, end)
             subset = torch.utils.data.Subset(dataset, range(begin, end))
             loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
                                                  collate_fn=_keep_list)
@@ -216,7 +290,8 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
                        for b, rec in enumerate(loader))
             encoder = _ShardEncoder(dataset, autoencoder, text_encoder, device, dtype, bar)
             count = write_shard(out / shard_name(k), encoder.samples(batches))
-            record = {**common, "name": shard_name(k), "shard": k, "items": [begin, end], "samples": count,
+            record = {**common, "name": shard_name(k), "shard": k, "items": [begin, end], "inputs": shard_hash,
+                      "samples": count,
                       "skipped": len(encoder.skipped), "skipped_items": encoder.skipped, "skipped_why": encoder.reasons,
                       "latent_shape": encoder.latent_shape,
                       "text_shape": None if encoder.text_dim is None else [encoder.text_length, encoder.text_dim],
@@ -227,16 +302,35 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
 
     run_settings = {"batch_size": batch_size, "device": str(device), "world_size": world_size, **(settings or {})}
     complete = all(_done(out, k) for k in range(num_shards))
-    info_path = write_dataset_info(out, num_shards, common, run_settings) if complete else None
+    info_path = write_dataset_info(out, num_shards, common, run_settings, name) if complete else None
     return {"out_dir": str(out), "rank": rank, "world_size": world_size, "num_items": n, "shards_total": num_shards,
             "shards_mine": len(mine), "shards_written": len(todo), "shards_already_done": len(mine) - len(todo),
+            "shards_redone": redone, "shards_removed": sorted(removed),
             "samples_written": samples_written, "skipped_written": skipped_now, "complete": complete,
             "dataset_json": None if info_path is None else str(info_path), "seconds": time.time() - start_time}
 
 
-def write_dataset_info(out: Path, num_shards: int, common: dict[str, Any], settings: dict[str, Any]) -> Path:
-    """Merge the shard records into ``dataset.json`` (all shards must be done)."""
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable shard record ({err}); delete it and its .tar to redo that shard") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a shard record; delete it and its .tar to redo that shard")
+    return record
+
+
+def write_dataset_info(out: Path, num_shards: int, common: dict[str, Any], settings: dict[str, Any],
+                       name: str = "") -> Path:
+    """Merge the shard records into ``dataset.json`` (all shards must be done). A dataset of which no
+    sample was written is an error naming ``name`` (the source), and no dataset.json is written."""
     records = [json.loads(_record_path(out, k).read_text()) for k in range(num_shards)]
+    if not sum(r["samples"] for r in records):
+        skipped = sum(r["skipped"] for r in records)
+        why = ", ".join(f"{r}: {n}" for r, n in SkipReport(name).merge(_skips_of(records)).counts.items())
+        raise UserError(f"{name or out}: every one of its {skipped} items was skipped ({why}), "
+                        f"so no sample was written to {out}; run `microdiff data check {name or 'SOURCE'}` to "
+                        "list them")
     latent_shapes = {tuple(r["latent_shape"]) for r in records if r["latent_shape"] is not None}
     if len(latent_shapes) > 1:
         raise ValueError(f"{out}: shards hold latents of different shapes {sorted(latent_shapes)}; precompute "
@@ -264,60 +358,83 @@ def write_dataset_info(out: Path, num_shards: int, common: dict[str, Any], setti
     return out / INFO_NAME
 
 
+def _skips_of(records: list[dict[str, Any]]) -> list[Skip]:
+    """The skipped items the shard records list (index, path, reason), as Skips."""
+    return [Skip(str(w.get("path") or f"item {w['index']}"), str(w.get("reason") or "skipped by the dataset"))
+            for r in records for w in r.get("skipped_why", [])]
+
+
 # ----------------------------------------------------------------------------- CLI
-def build_dataset(source: str, resolution: int, seed: int = 0):
-    """``shapes:N`` -> the built-in procedural dataset; anything else -> ``captioned.make_dataset``."""
-    if source.startswith("shapes:"):
-        from .shapes import ShapesDataset
-
-        count = source.split(":", 1)[1]
-        if not count.isdigit():
-            raise ValueError(f"{source!r}: write shapes:N with N the number of images, e.g. shapes:2000")
-        return ShapesDataset(int(count), resolution=resolution, seed=seed)
-    from .captioned import make_dataset
-
-    return make_dataset(source, resolution=resolution)
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="dataset: an image folder, a .jsonl/.csv/.parquet manifest, hf:<name>, "
-                                       "a save_to_disk folder, or shapes:N for the built-in set")
-    parser.add_argument("--out", required=True, help="output folder for the shards and dataset.json")
+                                       "a save_to_disk folder, an image shard folder (microdiff data download), "
+                                       "or shapes:N for the built-in set")
+    parser.add_argument("--out", required=True, help="output folder for the shards and dataset.json (new, empty, "
+                                                     "or an earlier precompute of this source: it resumes, and "
+                                                     "redoes shards whose inputs changed)")
     parser.add_argument("--autoencoder", required=True, help="autoencoder identifier, e.g. identity or "
                                                              "diffusers-kl:stabilityai/sd-vae-ft-ema")
     parser.add_argument("--text-encoder", required=True, help="text encoder identifier")
-    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (default: 256)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="dataset items per shard (default: 1000)")
-    parser.add_argument("--batch-size", type=int, default=32, help="encoder batch size (default: 32)")
+    parser.add_argument("--resolution", type=positive_int, default=256, help="image side in pixels (default: 256)")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="dataset items per shard (default: 1000)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="encoder batch size (default: 32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto = "
                                                          "cuda:LOCAL_RANK when available, else cpu)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                         help="storage dtype of latents and text states (default: float16)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images (default: 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes:N dataset (default: 0)")
+    parser.add_argument("--workers", type=nonnegative_int, default=0,
+                        help="DataLoader worker processes reading images (default: 0: in this process)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="data seed: shapes:N content and the --corruption draws (default: 0)")
+    parser.add_argument("--corruption", type=_mixture, default=None, metavar="MIXTURE",
+                        help="corrupt the images as training's data.corruption does, e.g. noise:0.3@0.5,blur:1.5@0.25")
+    add_source_arguments(parser, filters=True)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run(args) -> int:
-    from ..encoders.image import load_autoencoder
-    from ..encoders.text import load_text_encoder
+def _mixture(text: str):
+    try:
+        return parse_mixture(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
-    dataset = build_dataset(args.source, args.resolution, args.seed)
+
+def run(args) -> int:
+    """``microdiff data precompute``: 0 once this rank's shards are written (every skip counted)."""
+    require_images(args.source, "data precompute")
+    check_out_path(args.out)
+    spec = DataSpec(source=args.source, resolution=args.resolution, seed=args.seed, corruption=args.corruption,
+                    min_quality=args.min_quality, caption_column=args.caption_column, image_column=args.image_column)
+    rank, world_size = resolve_dist(None, None)
+    dataset = build_dataset(spec, needs="images", command="data precompute", progress=not args.no_progress,
+                            log_skips=rank == 0)
     device = resolve_device(args.device)
+    compare = {"resolution": args.resolution, "seed": args.seed, "corruption": args.corruption,
+               "min_quality": args.min_quality, "caption_column": args.caption_column,
+               "image_column": args.image_column}
     report = precompute(dataset, load_autoencoder(args.autoencoder, device=device),
                         load_text_encoder(args.text_encoder, device=device),
                         args.out, shard_size=args.shard_size, batch_size=args.batch_size, device=device,
                         dtype=args.dtype, progress=not args.no_progress, num_workers=args.workers,
-                        settings={"source": args.source, "resolution": args.resolution, "seed": args.seed})
-    print(f"rank {report['rank']}/{report['world_size']}: wrote {report['shards_written']} shards "
+                        settings={"source": args.source, "resolution": args.resolution, "seed": args.seed},
+                        compare=compare)
+    for k in report["shards_redone"]:
+        print(f"{shard_name(k)}: its inputs changed since it was written (captions, images or metadata): redone")
+    if report["shards_removed"]:
+        print(f"removed {len(report['shards_removed'])} shard(s) past the dataset's new end "
+              f"({shard_name(report['shards_removed'][0])}, ...)")
+    print(f"rank {report['rank']}/{world_size}: wrote {report['shards_written']} shards "
           f"({report['samples_written']} samples, {report['skipped_written']} skipped items), "
-          f"{report['shards_already_done']} were already done")
+          f"{report['shards_already_done']} were already done and up to date")
     if report["complete"]:
-        print(f"all {report['shards_total']} shards done: {report['dataset_json']}")
+        info = json.loads(Path(report["dataset_json"]).read_text())
+        skips = SkipReport(args.source).merge(skip_report(dataset) or [], _skips_of([info]))
+        print(f"all {report['shards_total']} shards done ({info['num_samples']} samples): {report['dataset_json']}")
+        print(skips.summary())
     else:
         print("other ranks' shards are not all done yet; the last rank to finish writes dataset.json")
     return 0
 
 
-__all__ = ["precompute", "write_dataset_info", "resolve_dist", "resolve_device", "build_dataset", "add_arguments",
+__all__ = ["precompute", "write_dataset_info", "shard_inputs", "resolve_dist", "resolve_device", "add_arguments",
            "run"]

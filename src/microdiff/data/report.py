@@ -6,10 +6,14 @@ vanishes silently: each skip is counted by reason, the first ``warn_first`` of t
 WARNING on the ``microdiff.data`` logger, and ``write()`` saves the full list as JSON and CSV.
 
 DataLoader workers each hold a copy of the dataset, so each keeps its own report. Reports merge
-(``a.merge(b)``; an item skipped twice, e.g. in two epochs, is counted once). To collect the skips
-of worker processes, give the report a ``journal`` file: every skip is also appended to it as one
-JSON line (one ``O_APPEND`` write, safe across processes), and ``SkipReport.from_journal(path)`` in
-the main process rebuilds the merged report.
+(``a.merge(b)``; an item skipped twice, e.g. in two epochs, is counted once). Training collects the
+skips of worker processes by sending them with each batch (``data/skips.py``) and the ranks' reports
+by gathering them (``SkipReport.merged``); totals per reason count distinct items, so they do not
+depend on worker count, rank count or how often an item is revisited. ``replaced`` counts the batch
+slots that were filled with a replacement for a skipped item (a sum over ranks). Another way to
+collect the skips of worker processes: give the report a ``journal`` file: every skip is also
+appended to it as one JSON line (one ``O_APPEND`` write, safe across processes), and
+``SkipReport.from_journal(path)`` in the main process rebuilds the merged report.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class SkipReport:
         self.name, self.warn_first = str(name), int(warn_first)
         self.journal = None if journal is None else Path(journal)
         self._items: dict[tuple[str, str], Skip] = {}
+        self.replaced = 0  # batch slots filled with a replacement for a skipped item
         self._logged = 0
         self._lock = threading.Lock()
         if self.journal is not None:
@@ -100,7 +105,7 @@ class SkipReport:
             last = self._logged == self.warn_first and log
         if log:
             more = f" ({skip.detail})" if skip.detail else ""
-            tail = "; further skips are counted but not logged" if last else ""
+            tail = "; further skips are counted but not logged (totals by reason at the end)" if last else ""
             logger.warning("skipped %s: %s%s%s", skip.path, skip.reason, more, tail)
         if self.journal is not None:
             line = (json.dumps(asdict(skip), ensure_ascii=False) + "\n").encode("utf-8")
@@ -112,13 +117,37 @@ class SkipReport:
         return True
 
     def merge(self, *others: "SkipReport | Iterable[Skip]") -> "SkipReport":
-        """Add the items of other reports (or iterables of :class:`Skip`) without logging them again."""
+        """Add the items of other reports (or iterables of :class:`Skip`) without logging them again;
+        ``replaced`` counts add up (each rank fills its own batch slots)."""
         for other in others:
             items = other.items if isinstance(other, SkipReport) else list(other)
             with self._lock:
                 for skip in items:
                     self._items.setdefault((skip.path, skip.reason), skip)
+                if isinstance(other, SkipReport):
+                    self.replaced += other.replaced
         return self
+
+    @classmethod
+    def merged(cls, reports: Iterable["SkipReport"], name: str | None = None) -> "SkipReport":
+        """One report of several (e.g. every rank's, from ``gather_objects``); the name of the first."""
+        reports = list(reports)
+        first = name if name is not None else (reports[0].name if reports else "")
+        return cls(first, warn_first=0).merge(*reports)
+
+    def quiet(self) -> None:
+        """Log no further skips (they are still counted): another report logs them from now on."""
+        with self._lock:
+            self.warn_first = min(self.warn_first, self._logged)
+
+    def state_dict(self) -> dict:
+        """Plain lists and numbers (a checkpoint's ``weights_only`` loader takes them)."""
+        return {"items": [[s.path, s.reason, s.detail] for s in self.items], "replaced": int(self.replaced)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            self._items = {(p, r): Skip(p, r, d) for p, r, d in state.get("items", [])}
+            self.replaced = int(state.get("replaced", 0))
 
     @classmethod
     def from_journal(cls, path: str | os.PathLike, name: str = "") -> "SkipReport":
@@ -150,25 +179,34 @@ class SkipReport:
         """Skips per reason, most frequent first."""
         return dict(Counter(skip.reason for skip in self.items).most_common())
 
+    def totals(self) -> dict[str, int]:
+        """Distinct skipped items per reason (the same as ``counts``)."""
+        return self.counts
+
     def summary(self) -> str:
-        """One line: ``<name>: skipped 3 items (corrupt image: 2, missing caption: 1)``."""
+        """One line: ``<name>: skipped 3 items (corrupt image: 2, missing caption: 1)``, plus how many
+        batch slots were filled with replacements when there were any."""
         head = f"{self.name}: " if self.name else ""
         if not self.total:
             return f"{head}nothing skipped"
         reasons = ", ".join(f"{reason}: {n}" for reason, n in self.counts.items())
-        return f"{head}skipped {self.total} item{'s' if self.total != 1 else ''} ({reasons})"
+        more = f"; {self.replaced} batch slot{'s' if self.replaced != 1 else ''} filled with replacements" \
+            if self.replaced else ""
+        return f"{head}skipped {self.total} item{'s' if self.total != 1 else ''} ({reasons}){more}"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "total": self.total, "counts": self.counts,
-                "items": [asdict(skip) for skip in self.items]}
+        return {"name": self.name, "total": self.total, "counts": self.counts, "replaced": self.replaced,
+                "items": [asdict(skip) for skip in sorted(self.items, key=lambda s: (s.reason, s.path))]}
+
+    def to_json(self) -> str:
+        return json.dumps({"summary": self.summary(), **self.to_dict()}, indent=2, ensure_ascii=False) + "\n"
 
     def write(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``<path>.json`` (summary, counts, items) and ``<path>.csv`` (path, reason, detail)."""
         path = Path(path)
         json_path, csv_path = path.with_suffix(".json"), path.with_suffix(".csv")
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"summary": self.summary(), **self.to_dict()}, indent=2,
-                                        ensure_ascii=False) + "\n", encoding="utf-8")
+        json_path.write_text(self.to_json(), encoding="utf-8")
         with csv_path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "reason", "detail"])

@@ -27,8 +27,10 @@ area for every shape. ``centre`` is the centroid of the object.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..ambient.corruptions import (MASK_CORRUPTIONS, SHORT_EXAMPLES, apply_corruption, check_spec, from_uint8,
-                                   parse_corruption, to_uint8)
+from ..ambient.corruptions import (MASK_CORRUPTIONS, SHORT_EXAMPLES, apply_corruption, from_uint8, parse_corruption,
+                                   to_uint8)
+from ..ambient.dataset import as_mixture
+from ..utils.errors import UserError
 
 # ----------------------------------------------------------------------------- vocabulary and geometry
 SHAPES = ("circle", "square", "triangle")
@@ -56,6 +60,7 @@ MARGIN = 0.02  # minimum distance of any object from the image border
 GAP = 0.03  # minimum distance between the bounding discs of two objects
 SUPERSAMPLE = 4  # coverage samples per pixel and axis
 MIN_RESOLUTION = 8
+RENDERER_VERSION = 1  # part of every item's fingerprint: raise it when rendering or captions change
 
 _SQUARE_HALF = math.sqrt(math.pi) / 2  # half side of the square with area pi (radius 1)
 _TRIANGLE_R = math.sqrt(4 * math.pi / (3 * math.sqrt(3)))  # circumradius of the equilateral triangle, area pi
@@ -239,35 +244,6 @@ def caption_for(attributes: dict[str, Any], rng: np.random.Generator) -> str:
 
 
 # ----------------------------------------------------------------------------- dataset
-Mixture = list[tuple[float, "dict[str, Any] | None"]]
-
-
-def _as_mixture(corruption: Any, resolution: int = MIN_RESOLUTION) -> Mixture:
-    """None | spec | "noise:0.2" | [(probability, spec or None), ...] -> a list of (p, spec); the
-    probability left over (1 - sum) goes to clean images. Every spec is tried once on a
-    ``resolution`` x ``resolution`` image, so bad values (e.g. a box larger than the image) fail now."""
-    if corruption is None:
-        return []
-    if isinstance(corruption, (str, dict)):
-        corruption = [(1.0, corruption)]
-    mixture = []
-    for entry in corruption:
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-            raise ValueError(f"corruption must be None, a spec dict, 'name:value' or a list of (probability, spec) "
-                             f"pairs; got the entry {entry!r}")
-        p, spec = float(entry[0]), entry[1]
-        spec = parse_corruption(spec) if isinstance(spec, str) else spec
-        if spec is not None:  # check names and values now, not later inside a DataLoader worker
-            apply_corruption(torch.zeros(1, 3, resolution, resolution), check_spec(spec), torch.Generator())
-        if p < 0:
-            raise ValueError(f"corruption probabilities must be >= 0; got {p} for {spec}")
-        mixture.append((p, spec))
-    if sum(p for p, _ in mixture) > 1 + 1e-9:
-        raise ValueError(f"corruption probabilities sum to {sum(p for p, _ in mixture):.4g} > 1; the rest "
-                         "(1 - sum) is clean, so they must sum to at most 1")
-    return mixture
-
-
 def _meta_objects(attributes: dict[str, Any], resolution: int) -> list[dict[str, Any]]:
     out = []
     for obj in attributes["objects"]:
@@ -301,7 +277,7 @@ class ShapesDataset(torch.utils.data.Dataset):
                              "shapes, colours, sizes, positions, backgrounds")
         self.n, self.resolution, self.seed, self.objects = int(n), _check_resolution(resolution), int(seed), objects
         self.vocabulary = vocabulary
-        self.mixture = _as_mixture(corruption, self.resolution)
+        self.mixture = as_mixture(corruption, self.resolution)
         sample_attributes(np.random.default_rng(0), objects, **vocabulary)  # validate now, not in a worker
         specs = [spec for _, spec in self.mixture if spec is not None]
         self.has_mask = any(spec["name"] in MASK_CORRUPTIONS for spec in specs)
@@ -344,6 +320,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         if mask is not None:
             item["mask"] = mask
         return item
+
+    def fingerprint(self, index: int) -> str:
+        """A hash of everything item ``index`` is a function of (it is rendered from these alone)."""
+        settings = [RENDERER_VERSION, self.seed, int(index) % max(self.n, 1), self.resolution, self.objects,
+                    self.vocabulary, self.mixture]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
     def _pick(self, rng: np.random.Generator) -> dict[str, Any] | None:
         u, total = rng.random(), 0.0
@@ -441,17 +423,50 @@ def _cli_fraction(text: str) -> float:
 
 
 def _cli_count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"--n must be a whole number >= 0; got {text!r}")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--n must be a whole number >= 1; got {text!r}")
     return int(text)
 
 
+def _cli_seed(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--seed must be a whole number >= 0; got {text!r}")
+    return int(text)
+
+
+def check_shapes_out(out: Path) -> None:
+    """``--out``: a new folder, an empty one, or an earlier shapes folder (its files are rewritten);
+    anything else (a file, a folder of other data) is refused in one line."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is an existing file; give a folder")
+    parent = next((q for q in [out, *out.parents] if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        for side in sorted(out.glob("*.json"))[:1]:
+            try:
+                if json.loads(side.read_text()).get("source") == "shapes":
+                    return
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                pass
+        raise UserError(f"--out {out}: the folder holds other files (not a shapes folder); choose a new or empty one")
+
+
+def check_shapes_out_file(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"--grid {path}: is a folder; give a .png file name")
+    parent = next((q for q in path.parents if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--grid {path}: {parent} is not a writable folder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (created; same-named files are overwritten)")
-    parser.add_argument("--n", type=_cli_count, default=1000, help="number of images (default: 1000)")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or an earlier shapes folder (its "
+                                                     "same-named files are rewritten)")
+    parser.add_argument("--n", type=_cli_count, default=1000, help="number of images, >= 1 (default: 1000)")
     parser.add_argument("--resolution", type=_cli_resolution, default=64,
                         help="image side in pixels, >= 8 (default: 64)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_cli_seed, default=0,
                         help="dataset seed; image i depends on (seed, i) only (default: 0)")
     parser.add_argument("--objects", type=int, choices=(1, 2), default=1,
                         help="objects per image; 2 gives compositional captions (default: 1)")
@@ -465,12 +480,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_shapes_out(Path(args.out))
+    if args.grid:
+        check_shapes_out_file(Path(args.grid))
     corruption = None if args.corruption is None else [(args.corrupt_fraction, args.corruption)]
     paths = write_shapes_folder(args.out, args.n, args.resolution, args.seed, args.objects, corruption,
                                 progress=not args.no_progress)
     print(f"wrote {len(paths)} shapes images ({args.resolution}px) with .txt captions and .json metadata to {args.out}")
     if args.grid:
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)  # checked above
         shapes_grid(min(16, max(args.n, 1)), args.resolution, args.seed, objects=args.objects,
                     corruption=corruption).save(args.grid)
         print(f"preview grid: {args.grid}")

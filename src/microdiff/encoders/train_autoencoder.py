@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.devices import resolve_device
 from .ae_losses import (AELossConfig, PatchDiscriminator, PerceptualLoss, disc_active, generator_loss,
                         hinge_d_loss, psnr)
 from .autoencoder_io import KINDS, build_autoencoder, load_trained_autoencoder, save_autoencoder
@@ -116,6 +117,14 @@ class _StepBatches(torch.utils.data.Sampler):
     def __iter__(self):
         for step in range(self.first, self.last):
             yield [self.train_idx[i] for i in batch_indices(step, self.batch_size, len(self.train_idx), self.seed)]
+
+
+def collate_training(records: list[dict[str, Any]]) -> tuple[torch.Tensor, list]:
+    """``collate_images`` plus the skipped items the records stand in for (a record that replaces a
+    skipped one carries them under "skips": ``data/skips.py``), so they reach the main process."""
+    skipped = [skip for r in records if isinstance(r, dict) for skip in r.get("skips", ())]
+    replaced = sum(1 for r in records if isinstance(r, dict) and "skips" in r)
+    return collate_images(records), [skipped, replaced]
 
 
 def collate_images(records: list[dict[str, Any]]) -> torch.Tensor:
@@ -325,7 +334,13 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     train_idx, held_idx = split_indices(len(dataset), config.holdout, seed)
-    held = collate_images([dataset[i] for i in held_idx])
+    # a view that replaces skipped items (data.skips.ReplaceSkipped) draws them from the training split;
+    # the held-out images are read as they are (an unreadable one is left out, never replaced)
+    raw = getattr(dataset, "raw", dataset)
+    held = collate_images([raw[i] for i in held_idx])
+    dataset = dataset.with_pool(train_idx) if hasattr(dataset, "with_pool") else dataset
+    skipped: list = []  # the skipped items that replacements stood in for, and how many slots were replaced
+    replaced = 0
     settings = _json_normalise(_run_settings(config, batch_size, lr, seed, len(dataset), perceptual))
     trainer = AutoencoderTrainer(config, lr, seed, device, perceptual)
     if trainer.disc is not None and min(held.shape[-2:]) < trainer.disc.min_size():
@@ -343,23 +358,27 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
                              "use a new output folder, or resume=False (--no-resume) to start over")
         trainer.load_state_dict(state["trainer"])
         history, window, before, seconds = state["history"], state["window"], state["before"], state["seconds"]
+        skipped, replaced = [tuple(s) for s in state.get("skipped", [])], int(state.get("replaced", 0))
         print(f"resuming from {ckpt_path} at step {trainer.step}")
     else:
         before, seconds = reconstruction_metrics(trainer.model, held), 0.0
 
     def save_checkpoint():
         _atomic_save({"trainer": trainer.state_dict(), "settings": settings, "history": history, "window": window,
-                      "before": before, "seconds": seconds + time.perf_counter() - start}, ckpt_path)
+                      "before": before, "seconds": seconds + time.perf_counter() - start,
+                      "skipped": [list(s) for s in skipped], "replaced": replaced}, ckpt_path)
 
     start = time.perf_counter()
     batches = _StepBatches(train_idx, batch_size, seed, trainer.step, steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
-                                         collate_fn=collate_images)
+                                         collate_fn=collate_training)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=min(trainer.step, steps), desc=f"train {config.kind}", unit="step",
                disable=not progress, dynamic_ncols=True)
-    for images in loader:
+    for images, (new_skips, new_replaced) in loader:
+        skipped += [(s.path, s.reason, s.detail) for s in new_skips]
+        replaced += new_replaced
         logs = trainer.train_step(images)
         step = trainer.step
         for k, v in logs.items():
@@ -377,7 +396,8 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
     if trainer.step >= steps:
         save_checkpoint()
     seconds += time.perf_counter() - start
-    return _finish(trainer, dataset, train_idx, held, out, history, before, seconds, batch_size, lr, seed)
+    summary = _finish(trainer, dataset, train_idx, held, out, history, before, seconds, batch_size, lr, seed)
+    return summary | {"skipped": sorted(set(skipped)), "replaced": replaced}
 
 
 def _finish(trainer: AutoencoderTrainer, dataset, train_idx, held, out: Path, history, before, seconds,
@@ -462,8 +482,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="image folder / manifest / shards (see `microdiff data "
-                                                      "inspect`), or shapes:N for the built-in procedural set")
+    parser.add_argument("--data", required=True, help="any image source training reads: image folder, manifest, "
+                                                      "hf:NAME, image shards (microdiff data download), or shapes:N; "
+                                                      "unreadable images are replaced and counted")
     parser.add_argument("--out", required=True, help="run folder (resumes when it holds a checkpoint)")
     parser.add_argument("--kind", choices=sorted(KINDS), default="vae", help="KL autoencoder or VQGAN (default: vae)")
     parser.add_argument("--resolution", type=int, default=32, help="training image side in px (default: 32)")
@@ -517,13 +538,14 @@ def run(args) -> int:
     """``microdiff train-autoencoder``: bad input ends with a one-line error and exit status 2."""
     import sys
 
-    from ..data.precompute import build_dataset, resolve_device
+    from ..data.sources import DataSpec, build_replacing, skip_totals  # data/ sits above encoders/
 
     from .ae_losses import load_perceptual_loss
 
     try:
         config = config_from_args(args)
-        dataset = build_dataset(args.data, args.resolution, seed=args.seed)
+        spec = DataSpec(source=args.data, resolution=args.resolution, seed=args.seed)
+        dataset = build_replacing(spec, command="train-autoencoder", progress=not args.no_progress)
         perceptual = load_perceptual_loss(args.perceptual_weights) if args.perceptual_weights else None
         summary = train_autoencoder(dataset, config, args.out, steps=args.steps, batch_size=args.batch_size,
                                     lr=args.lr, seed=args.seed, device=resolve_device(args.device),
@@ -531,12 +553,14 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"microdiff train-autoencoder: error: {err}", file=sys.stderr)
         return 2
+    skips = skip_totals(dataset, summary["skipped"], summary["replaced"])
     b, a = summary["before"], summary["after"]
     print(f"held-out reconstruction ({summary['heldout_images']} images): L1 {b['l1']:.4f} -> {a['l1']:.4f}, "
           f"PSNR {b['psnr']:.2f} -> {a['psnr']:.2f} dB; latents {summary['latent_shape']}, "
           f"scale {summary['scale']:.4g}")
     print(f"wrote {args.out}/autoencoder/ (use --autoencoder {summary['identifier']}), reconstructions.png, "
           "loss.png, metrics.csv, metrics.json")
+    print(skips.summary())
     return 0
 
 

@@ -9,7 +9,7 @@ Diffusion's memorisation study), a count of near-copies above each threshold, an
     torchrun --nproc_per_node 8 -m microdiff.eval.memorize_cli --gen samples/ --train data/images --out runs/mem
 
 ``--train`` is any map-style source the trainer reads (image folder, manifest, ``shapes:N``, ``hf:NAME``;
-built by ``train.data.build_map_dataset`` at ``--resolution``), so training index i here is the
+built by ``data.sources.build_dataset`` at ``--resolution``), so training index i here is the
 trainer's sample i; or a features file written by ``--save-train-features`` (``.npz``: ``feats`` plus
 the feature space ``features``, ``resolution``, ``source`` and the dataset ``index`` of each row), or a
 plain ``.npy`` (N, D) array whose row i is training sample i.
@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.sources import DataSpec, build_dataset, skip_totals
 from .errors import USER_ERRORS, first_line as _first_line, report_error
 from .memorization import THRESHOLDS, memorization_report, save_report, shard_range
 
@@ -63,7 +64,8 @@ EXAMPLES = ["microdiff eval memorization --gen samples/ --train data/images --fe
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen", required=True, help="folder of generated images (searched recursively)")
     parser.add_argument("--train", required=True,
-                        help="training source as the trainer reads it (image folder, manifest, shapes:N, hf:NAME) or "
+                        help="training source as the trainer reads it (image folder, manifest, image shards, "
+                             "shapes:N, hf:NAME) or "
                              "a features file (.npz from --save-train-features, or an (N, D) .npy)")
     parser.add_argument("--features", default="dinov2",
                         help="dinov2[:ID_OR_DIR] | clip[:ID_OR_DIR] | inception[:WEIGHTS] | shapes[:RES] | "
@@ -164,21 +166,17 @@ def _first_resolution(paths: list[Path]) -> int:
 
 
 def build_train_dataset(source: str, resolution: int, seed: int = 0):
-    """The trainer's map-style dataset for ``source`` (``build_map_dataset``), checked to hold images."""
-    from ..train.config import DataConfig
-    from ..train.data import build_map_dataset, is_shard_folder
+    """The trainer's map-style dataset for ``source`` (``data.sources.build_dataset``: the same index, so
+    training index i is sample i here), refused in one line when it holds latents or nothing usable."""
+    return build_dataset(DataSpec(source=source, resolution=resolution, seed=seed), needs="images",
+                         command="eval memorization --train", progress=False)
 
-    if is_shard_folder(source) or source.startswith("mds:"):
-        raise ValueError(f"--train {source}: precomputed latent shards hold no images; pass the image source they "
-                         "were made from (folder, manifest, shapes:N)")
-    dataset = build_map_dataset(DataConfig(source=source, resolution=resolution, seed=seed))
-    if len(dataset) == 0:
-        report = getattr(dataset, "report", None)
-        why = f" ({report.summary()}; the trainer skips uncaptioned images too)" if report is not None and \
-            report.total else ""
-        raise ValueError(f"--train {source}: the training set is empty{why}; give each image a caption (.txt/.json "
-                         "sidecar) or pass another source")
-    return dataset
+
+def train_skip_totals(source: str, dataset: Any, train_skipped: list):
+    """The training set's skipped items by reason (a SkipReport): those its index left out (uncaptioned,
+    ...) and the unreadable images featurising found (``(label, "reason (detail)")`` pairs, every rank's)."""
+    later = [(label, str(reason).split(" (", 1)[0], "") for label, reason in train_skipped]
+    return skip_totals(dataset, later, name=source)
 
 
 def _image_of(record: Any, where: str) -> torch.Tensor:
@@ -465,6 +463,10 @@ def _write_report(args, thresholds, feature_name, resolution, gen_paths, gen_kep
             dataset = build_train_dataset(source, resolution, train_file.seed)
         except ERRORS as err:
             notes.append(f"closest_pairs.png not drawn: the training images cannot be read ({_first_line(err)})")
+    if dataset is not None:
+        totals = train_skip_totals(str(args.train), dataset, train_skipped)
+        if totals.total:
+            notes.append(f"training set {totals.summary()}")
     gen_images = train_images = None
     if dataset is not None and args.pairs:
         generated = GeneratedImages(gen_paths, resolution)

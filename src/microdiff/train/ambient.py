@@ -148,6 +148,12 @@ class EligibilityIndex:
             out[j] = members[min(int(u[1] * len(members)), len(members) - 1)]
         return out
 
+    def eligible(self, sigma: float) -> np.ndarray:
+        """Every sample index eligible at ``sigma`` (a fixed order: replacements are drawn from it)."""
+        lo, hi = self.ranges[:, 0], self.ranges[:, 1]
+        groups = np.flatnonzero((lo < sigma) & (sigma <= hi))
+        return np.concatenate([self.members[g] for g in groups]) if len(groups) else np.zeros(0, dtype=np.int64)
+
     def fraction_eligible(self, sigma: float) -> float:
         lo, hi = self.ranges[:, 0], self.ranges[:, 1]
         return float(self.sizes[(lo < sigma) & (sigma <= hi)].sum() / self.sizes.sum())

@@ -22,6 +22,7 @@ from typing import Any, Callable, Union
 
 import yaml
 
+from ..data.sources import DataSpec, check_spec
 from ..diffusion.noise import NOISE_DISTRIBUTIONS, make_noise_distribution
 from ..diffusion.samplers import SAMPLERS
 from ..models import DIT_PRESETS, UNET_PRESETS
@@ -74,17 +75,14 @@ class ModelConfig:
         _require(self.backbone in _presets(), f"backbone: {lookup_message(self.backbone, _presets(), 'preset')}")
 
 @dataclass
-class DataConfig:
-    source: str = "shapes:2000"  # shapes:N | image folder | manifest | hf:NAME | shard folder | mds:PATH
-    resolution: int = 32  # image side in pixels (the latent side is resolution / autoencoder downsampling)
-    vocabulary: dict = field(default_factory=dict)  # shapes:N only: e.g. {sizes: [large]}
-    corruption: Any = None  # corruption mixture, e.g. [[0.9, 'noise:0.2']] (data/shapes.py; any image source)
-    num_workers: int = 0
-    pin_memory: Union[bool, None] = None  # page-locked batches for async host-to-GPU copies (null: on for CUDA)
-    cache: bool = False  # map-style sources: keep decoded samples in memory after their first use
-    shuffle_buffer: int = 1000  # shard folders only
-    seed: int = 0  # data order (and shapes content)
-    min_quality: Union[float, None] = None  # map-style sources: keep samples whose meta quality >= this (absent = 1)
+class DataConfig(DataSpec):
+    """The ``data:`` section: ``data.sources.DataSpec`` (its fields are the keys), range-checked on build."""
+
+    def __post_init__(self) -> None:
+        try:
+            check_spec(self)
+        except UserError as err:  # build() prefixes the file and the section
+            raise ConfigError(str(err)) from None
 
 
 @dataclass

@@ -2,12 +2,16 @@
 
 Two kinds of source (``data.source`` in the config):
 
-- map-style datasets: ``shapes:N``, image folders, manifests, ``hf:NAME`` (images + captions,
-  encoded on the fly) and ``mds:PATH`` (micro_diffusion's precomputed latents). The global order
+- map-style datasets (built by ``data.sources.build_dataset``): ``shapes:N``, image folders, manifests,
+  ``hf:NAME``, image shard folders such as ``microdiff data download``'s (images + captions, encoded
+  on the fly) and ``mds:PATH`` (micro_diffusion's precomputed latents). The global order
   is an endless concatenation of permutations seeded by (seed, epoch); the global batch of step s
   is ``order[s*G : (s+1)*G]``; rank r takes the contiguous slice ``[r*G/W, (r+1)*G/W)`` of it and
   cuts it into micro-batches. So one process with batch G sees exactly the samples that W
-  processes see together, and the resume point is just the step.
+  processes see together, and the resume point is just the step. An item the dataset skips (a
+  corrupt file, ...) is replaced by one chosen from (data.seed, index) alone (``data/skips.py``), so
+  every micro-batch is full, on every rank, after every resume; the skipped items are counted by
+  reason in ``batches.skips()`` (the tally travels with the batches from the DataLoader workers).
 - shard folders written by ``microdiff data precompute`` (a ``dataset.json`` beside webdataset
   tars): a :class:`~microdiff.data.shards.ShardStream` per rank, whose state (epoch and samples
   consumed per reader) is the resume point.
@@ -20,12 +24,17 @@ per-sample noise drawn for the global batch can be sliced to match).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..data.captioned import collate_records
+from ..data.report import SkipReport
+from ..data.shards import ShardStream, StreamLoader, collate_latents
+from ..data.skips import SKIPS, ReplaceSkipped, fetch, lift_skips, tally
+from ..data.sources import (CachedDataset, Subset, build_dataset, is_latent_shards, keep_quality, key_meta,
+                            scan_records, skip_report)
 from .config import DataConfig
 
 
@@ -64,71 +73,24 @@ def split_batch(global_batch: int, world_size: int, rank: int, micro: int) -> li
     return [(start + k, micro) for k in range(0, per_rank, micro)]
 
 
-def is_shard_folder(source: str) -> bool:
-    path = Path(source)
-    return (path.is_dir() and (path / "dataset.json").is_file()) or source.endswith("dataset.json")
+is_shard_folder = is_latent_shards  # a folder written by `microdiff data precompute`
 
 
-def build_map_dataset(config: DataConfig):
-    """The map-style dataset ``config.source`` names."""
-    source = config.source  # mds:ROOT[,ROOT...] reads several MDS folders as one dataset
-    if source.startswith("shapes:"):
-        from ..data.shapes import ShapesDataset
-
-        count = source.split(":", 1)[1]
-        if not count.isdigit():
-            raise ValueError(f"data.source={source!r}: write shapes:N with N the number of images, e.g. shapes:2000")
-        return ShapesDataset(int(count), resolution=config.resolution, seed=config.seed,
-                             corruption=config.corruption, **config.vocabulary)
-    if config.vocabulary:
-        raise ValueError("data.vocabulary applies to shapes:N sources only")
-    if source.startswith("mds:"):
-        if config.corruption is not None:
-            raise ValueError("data.corruption corrupts images; mds: sources hold latents")
-        from ..data.mds import MDSLatentDataset
-
-        return MDSLatentDataset([r for r in source[4:].split(",") if r], resolution=config.resolution)
-    from ..data.captioned import make_dataset
-
-    dataset = make_dataset(source, resolution=config.resolution)
-    if config.corruption is not None:  # corrupt on the fly, the same way every epoch (seeded per record key)
-        from ..ambient.dataset import CorruptedDataset
-
-        dataset = CorruptedDataset(dataset, config.corruption, seed=config.seed, resolution=config.resolution)
-    return dataset
+def build_map_dataset(config: DataConfig, progress: bool = True):
+    """The map-style dataset ``config`` names (``data.sources.build_dataset``, kept for callers of this name)."""
+    return build_dataset(config, progress=progress)
 
 
 def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Latent samples (precomputed) or image records, stacked."""
+    """Latent samples (precomputed) or image records, stacked; ``batch[SKIPS]``: per replaced slot, the
+    skipped items it stands for (``data/skips.py``), so they reach the main process with the batch."""
+    batch = list(batch)
+    lifted = lift_skips(batch)
     kept = [b for b in batch if b is not None]
-    if kept and "latent" in kept[0]:
-        from ..data.shards import collate_latents
-
-        return collate_latents(kept)
-    from ..data.captioned import collate_records
-
-    return collate_records(batch)
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Keeps each decoded sample after its first use (small datasets that are slow to decode or render)."""
-
-    def __init__(self, dataset):
-        self.dataset, self.items = dataset, {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        if index not in self.items:
-            self.items[index] = self.dataset[index]
-        return self.items[index]
-
-    def key_meta(self, index: int):
-        if index in self.items or not hasattr(self.dataset, "key_meta"):
-            item = self[index]
-            return None if item is None else (str(item["key"]), dict(item["meta"]))
-        return self.dataset.key_meta(index)
+    out = collate_latents(kept) if kept and "latent" in kept[0] else collate_records(batch)
+    if out is not None:
+        out[SKIPS] = lifted
+    return out
 
 
 class _MicroBatches(torch.utils.data.Sampler):
@@ -148,38 +110,61 @@ class _MicroBatches(torch.utils.data.Sampler):
 
 
 class MapBatches:
-    """Per-step micro-batches of a map-style dataset; ``state_dict`` is the next step."""
+    """Per-step micro-batches of a map-style dataset; ``state_dict`` is the next step (and the skips so far).
+
+    Every micro-batch is full: an item the dataset skips is replaced by ``data.skips.fetch`` (a choice
+    that depends on (data.seed, index) alone). :meth:`skips` is this rank's tally of skipped items by
+    reason: what the index left out plus what the batches brought along from the workers."""
 
     def __init__(self, dataset, config: DataConfig, global_batch: int, splits: list[tuple[int, int]],
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, log_skips: bool = True):
         if len(dataset) == 0:
             raise ValueError(f"data.source={config.source!r}: the dataset is empty")
         self.dataset, self.config, self.global_batch, self.splits = dataset, config, global_batch, splits
         self.pin_memory = pin_memory
         self.next_step = 0
+        self.tally = SkipReport(config.source, warn_first=10 if log_skips else 0)
+        self._merge_index_skips()
+
+    def _merge_index_skips(self) -> None:
+        """What the dataset skipped while indexing; from now on the tally (in this process) logs new skips."""
+        base = skip_report(self.dataset)
+        if base is not None:
+            self.tally.merge(base)
+            base.quiet()
 
     def _loader(self, start_step: int, total_steps: int):
         sampler = _MicroBatches(len(self.dataset), self.config, self.global_batch, self.splits, start_step, total_steps)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+        items = ReplaceSkipped(self.dataset, self.config.seed, source=self.config.source)
+        return torch.utils.data.DataLoader(items, batch_sampler=sampler, num_workers=self.config.num_workers,
                                            collate_fn=collate, pin_memory=self.pin_memory)
 
     def steps(self, start_step: int, total_steps: int) -> Iterator[list[tuple[int, dict]]]:
         micro: list[tuple[int, dict]] = []
         self.next_step = start_step
         for batch in self._loader(start_step, total_steps):
+            tally(self.tally, batch.pop(SKIPS, []))
             micro.append((self.splits[len(micro)][0], batch))
             if len(micro) == len(self.splits):
                 yield micro
                 micro = []
                 self.next_step += 1
 
+    def skips(self) -> SkipReport:
+        """This rank's skipped items by reason (merge the ranks' with ``SkipReport.merged``)."""
+        return self.tally
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "map", "next_step": self.next_step, "n": len(self.dataset), "seed": self.config.seed}
+        return {"kind": "map", "next_step": self.next_step, "n": len(self.dataset), "seed": self.config.seed,
+                "skips": self.tally.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "map" or state.get("n") != len(self.dataset):
             raise ValueError(f"checkpoint data position is for {state.get('n')} samples ({state.get('kind')}), this "
                              f"run's data.source has {len(self.dataset)}: resume with the same data")
+        if "skips" in state:
+            self.tally.load_state_dict(state["skips"])
+            self._merge_index_skips()
 
 
 class ShardBatches:
@@ -187,8 +172,7 @@ class ShardBatches:
 
     def __init__(self, config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int,
                  pin_memory: bool = False):
-        from ..data.shards import ShardStream, StreamLoader
-
+        self.source = config.source
         self.stream = ShardStream(config.source, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
                                   rank=rank, world_size=world_size)
         self.splits = splits
@@ -212,6 +196,10 @@ class ShardBatches:
                 raise ValueError(f"{self.stream.urls[0]}: the shards yield no samples for this process")
             self.stream.set_epoch(self.stream.epoch + 1)  # an epoch ended: the partial micro-batches are dropped
 
+    def skips(self) -> SkipReport:
+        """Nothing: a damaged shard is an error (``data.shards.ShardError``), never a skip."""
+        return SkipReport(self.source)
+
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "shards", **self.stream.state_dict()}
 
@@ -219,49 +207,6 @@ class ShardBatches:
         if state.get("kind") != "shards":
             raise ValueError("checkpoint data position is not for shards: resume with the same data.source")
         self.stream.load_state_dict({k: v for k, v in state.items() if k != "kind"})
-
-
-def scan_records(dataset, what: str, progress: bool = True) -> list[tuple[str, dict] | None]:
-    """(key, meta) of every item (None for items the dataset skips), with a progress bar: what
-    sample selection by quality or noise level needs to know before training."""
-    from tqdm import tqdm
-
-    out = []
-    for i in tqdm(range(len(dataset)), desc=what, unit="item", disable=not progress, dynamic_ncols=True,
-                  leave=False):
-        out.append(key_meta(dataset, i))
-    return out
-
-
-def key_meta(dataset, index: int) -> tuple[str, dict] | None:
-    """(key, meta) of one item: cheaply when the dataset can say it without decoding (``key_meta``)."""
-    if hasattr(dataset, "key_meta"):
-        return dataset.key_meta(index)
-    item = dataset[index]
-    return None if item is None else (str(item["key"]), dict(item["meta"]))
-
-
-class Subset(torch.utils.data.Dataset):
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.indices[index]]
-
-    def key_meta(self, index: int):
-        return key_meta(self.dataset, self.indices[index])
-
-
-def keep_quality(dataset, min_quality: float, source: str, progress: bool = True):
-    """The samples whose meta ``quality`` (absent = 1) is at least ``min_quality``."""
-    records = scan_records(dataset, f"data.min_quality={min_quality}", progress)
-    keep = [i for i, r in enumerate(records) if r is not None and float(r[1].get("quality", 1.0)) >= min_quality]
-    if not keep:
-        raise ValueError(f"data.source={source!r}: no sample has quality >= data.min_quality={min_quality}")
-    return Subset(dataset, keep)
 
 
 class _SigmaFirst(torch.utils.data.Sampler):
@@ -282,53 +227,60 @@ class _SigmaFirst(torch.utils.data.Sampler):
 
 
 class _WithSigma(torch.utils.data.Dataset):
-    def __init__(self, dataset):
-        self.dataset = dataset
+    """(index, sigma) -> (record, sigma); a skipped item is replaced by one eligible at that sigma."""
+
+    def __init__(self, dataset, seed: int, source: str, eligible: Callable[[float], np.ndarray]):
+        self.dataset, self.seed, self.source, self.eligible = dataset, seed, source, eligible
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, pair: tuple[int, float]):
         index, sigma = pair
-        return self.dataset[index], sigma
+        record = self.dataset[index]
+        if record is None:
+            record = fetch(self.dataset, index, self.seed, self.eligible(sigma), self.source)
+        return record, sigma
 
 
 def collate_with_sigma(pairs: list[tuple[dict | None, float]]) -> dict[str, Any] | None:
-    kept = [(item, s) for item, s in pairs if item is not None]
-    batch = collate([item for item, _ in kept])
+    batch = collate([item for item, _ in pairs])
     if batch is not None:
-        batch["sigma"] = torch.tensor([s for _, s in kept], dtype=torch.float32)
+        batch["sigma"] = torch.tensor([s for _, s in pairs], dtype=torch.float32)
     return batch
 
 
 class SigmaFirstBatches(MapBatches):
     """Map-style batches whose samples are chosen for the step's sigmas (ambient ``sigma_first``):
-    ``chooser(step)`` returns the global batch's indices and sigmas. Resumes from the step."""
+    ``chooser(step)`` returns the global batch's indices and sigmas; ``eligible(sigma)`` the indices
+    usable at ``sigma``, from which a skipped item's replacement is drawn. Resumes from the step."""
 
-    def __init__(self, dataset, config: DataConfig, global_batch: int, splits, chooser, pin_memory: bool = False):
-        super().__init__(dataset, config, global_batch, splits, pin_memory)
-        self.chooser = chooser
+    def __init__(self, dataset, config: DataConfig, global_batch: int, splits, chooser, pin_memory: bool = False, *,
+                 eligible: Callable[[float], np.ndarray], log_skips: bool = True):
+        super().__init__(dataset, config, global_batch, splits, pin_memory, log_skips)
+        self.chooser, self.eligible = chooser, eligible
 
     def _loader(self, start_step: int, total_steps: int):
         sampler = _SigmaFirst(self.chooser, self.splits, start_step, total_steps)
-        return torch.utils.data.DataLoader(_WithSigma(self.dataset), batch_sampler=sampler,
-                                           num_workers=self.config.num_workers, collate_fn=collate_with_sigma,
-                                           pin_memory=self.pin_memory)
+        items = _WithSigma(self.dataset, self.config.seed, self.config.source, self.eligible)
+        return torch.utils.data.DataLoader(items, batch_sampler=sampler, num_workers=self.config.num_workers,
+                                           collate_fn=collate_with_sigma, pin_memory=self.pin_memory)
 
 
 def build_batches(config: DataConfig, global_batch: int, splits: list[tuple[int, int]], rank: int, world_size: int,
                   progress: bool = True, pin_memory: bool = False):
     """Batches of ``config.source``; ``pin_memory``: collate into page-locked memory (async GPU copies)."""
-    if is_shard_folder(config.source):
-        if config.min_quality is not None:
-            raise ValueError("data.min_quality applies to map-style sources; filter shards when writing them")
+    if is_latent_shards(config.source):
+        for name in ("min_quality", "corruption", "caption_column", "image_column"):
+            if getattr(config, name) not in (None, {}):
+                raise ValueError(f"data.{name} applies to map-style sources, and {config.source} is a folder of "
+                                 "precomputed latent shards; apply it when writing them (microdiff data precompute)")
         return ShardBatches(config, global_batch, splits, rank, world_size, pin_memory)
-    dataset = build_map_dataset(config)
-    dataset = CachedDataset(dataset) if config.cache else dataset
-    if config.min_quality is not None:
-        dataset = keep_quality(dataset, config.min_quality, config.source, progress=rank == 0 and progress)
-    return MapBatches(dataset, config, global_batch, splits, pin_memory)
+    main = rank == 0
+    dataset = build_dataset(config, progress=main and progress, log_skips=main)
+    return MapBatches(dataset, config, global_batch, splits, pin_memory, log_skips=main)
 
 
-__all__ = ["build_batches", "to_device", "CachedDataset", "SigmaFirstBatches", "Subset", "scan_records", "key_meta", "keep_quality", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
+__all__ = ["build_batches", "to_device", "CachedDataset", "SigmaFirstBatches", "Subset", "scan_records", "key_meta",
+           "keep_quality", "build_map_dataset", "MapBatches", "ShardBatches", "global_batch_indices", "split_batch",
            "epoch_permutation", "collate", "is_shard_folder"]

@@ -32,6 +32,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..data.report import SkipReport
 from ..diffusion.denoiser import Denoiser, make_parameterization
 from ..diffusion.loss import denoising_loss, make_weighting
 from ..diffusion.noise import make_noise_distribution
@@ -373,7 +374,7 @@ class Trainer:
             return sigma_first_batch(index, sigma, lambda n, _round: self.noise_dist.sample(n, generator=gen), seed, s)
 
         self.data = SigmaFirstBatches(self.data.dataset, c.data, global_batch, self.splits, choose,
-                                      self.data.pin_memory)
+                                      self.data.pin_memory, eligible=index.eligible, log_skips=self.dist.is_main)
         lo = bounds[np.isfinite(bounds[:, 0]), 0]
         levels = ", ".join(f"{v:g} x{int(n)}" for v, n in zip(*np.unique(lo[lo > 0], return_counts=True)))
         report = (f"ambient: sigma_first over {len(lo)} samples, {int((lo == 0).sum())} clean"
@@ -693,6 +694,9 @@ class Trainer:
                 self.checkpoint()
             if c.log.sample_prompts:
                 self._sample_grid(monitor)
+            skips = SkipReport.merged(gather_objects(self.data.skips(), self.dist))  # a collective: every rank
+            if self.dist.is_main:
+                monitor.note(f"{skips.summary()} (written to {skips.write(self.out / 'skips')[0]})")
         finally:
             monitor.close()
         self.summary = {"steps": self.step, "seconds": time.perf_counter() - start, "out": str(self.out),
