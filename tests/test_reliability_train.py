@@ -260,3 +260,33 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out {tmp_path / 'file' / 'run'}: cannot write there" in err[0]
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_checkpoint_from_before_the_hashes_is_still_checked_by_its_zip_crcs(finished, tmp_path):
+    """A DONE that holds only the step (older checkpoints) has no hashes; torch's zip entries carry CRC-32s."""
+    _, straight = finished
+    ckpt = tmp_path / "step-00000012"
+    shutil.copytree(straight / "checkpoints" / "step-00000012", ckpt)
+    (ckpt / "DONE").write_text("12\n")
+    (ckpt / "config.json").unlink()
+    assert load_state(ckpt)["step"] == 12  # intact: loads as before
+    damage(ckpt / "state.pt", "flipped")
+    with pytest.raises(ValueError, match=r"state.pt: the training state is damaged \(entry .* fails its CRC check\)"):
+        load_state(ckpt)
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "empty"])
+def test_every_torch_file_microdiff_reads_is_checked(tmp_path, how):
+    """utils.weights.read_torch_file serves checkpoints, micro_diffusion .pt files, the quality classifier,
+    Inception and VGG weights: a damaged file is one line naming it, never garbage tensors."""
+    import torch
+
+    from microdiff.models.dit import load_checkpoint_file
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(200_000, dtype=torch.float32)}, path)
+    assert load_checkpoint_file(str(path))["w"][-1] == 199_999
+    damage(path, how)
+    with pytest.raises(ValueError, match=rf"^{path}: ") as err:
+        load_checkpoint_file(str(path))
+    assert "\n" not in str(err.value)

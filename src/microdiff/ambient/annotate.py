@@ -48,6 +48,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ..utils.errors import UserError
+from ..utils.weights import load_strict, read_torch_file
 from .dataset import parse_mixture
 
 # ----------------------------------------------------------------------------- defaults
@@ -208,9 +210,15 @@ def load_quality_classifier(path: str | Path, device: str | torch.device = "cpu"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such classifier file; write one with `microdiff annotate`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = QualityClassifier(**state["config"])
-    model.load_state_dict(state["state_dict"])
+    state = read_torch_file(path, "quality classifier", fix="write it again with `microdiff annotate`")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "state_dict" not in state:
+        raise UserError(f"{path}: not a quality classifier file (no config / state_dict); write one with "
+                        "`microdiff annotate`")
+    try:
+        model = QualityClassifier(**state["config"])
+    except TypeError as err:
+        raise UserError(f"{path}: its classifier config does not fit this version ({err})") from None
+    load_strict(model, state["state_dict"], path, fix="write it again with `microdiff annotate`")
     return model.to(device).eval()
 
 

@@ -183,7 +183,7 @@ def load_vgg16_features(path: str | Path) -> nn.Sequential:
     if path.suffix == ".safetensors":
         state = read_safetensors(path, "perceptual weights file")  # truncated or damaged: one line
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_file(path, "perceptual weights file")
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}

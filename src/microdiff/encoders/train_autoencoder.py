@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..utils.devices import resolve_device
+from ..utils.weights import read_torch_file
 from .ae_losses import (AELossConfig, PatchDiscriminator, PerceptualLoss, disc_active, generator_loss,
                         hinge_d_loss, psnr)
 from .autoencoder_io import KINDS, build_autoencoder, load_trained_autoencoder, save_autoencoder
@@ -351,7 +352,8 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
     history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {}  # terms of the steps since the last logged row
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # generator state must stay on CPU
+        state = read_torch_file(ckpt_path, "autoencoder training checkpoint",  # on the CPU: generator states
+                                fix="delete it to start over (--no-resume), or restore it")
         if state["settings"] != settings:
             diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
             raise ValueError(f"{ckpt_path}: was written by a run with other settings ({', '.join(diff)} differ); "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .images import as_image_batch
+from ..utils.weights import read_torch_file
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -249,11 +250,8 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Inception weights file not found; download {FID_WEIGHTS_URL} and pass "
                                 f"its path (--features inception:PATH, load_fid_inception(PATH) or ${WEIGHTS_ENV})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line advice
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({_one_line(err)}); "
-                         f"expected pytorch-fid's {FID_WEIGHTS_URL.rsplit('/', 1)[-1]}") from None
+    return read_torch_file(path, "Inception weights file", fix=f"expected pytorch-fid's "
+                                                              f"{FID_WEIGHTS_URL.rsplit('/', 1)[-1]}")
 
 
 def _download_state_dict() -> Mapping[str, Any]:

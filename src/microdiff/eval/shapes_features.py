@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..utils.errors import UserError
+from ..utils.weights import load_strict, read_torch_file
 
 FEATURE_SEED = 9_999  # the recognition net's training images; no benchmark uses this data seed
 FEATURE_DIM = 128
@@ -132,11 +137,17 @@ def shapes_feature_net(cache_dir: str | Path, resolution: int = 32, progress: bo
     path = Path(cache_dir) / _cache_name(resolution, **settings)
     net = ShapesFeatureNet(resolution)
     if path.exists():
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return net.eval()
+        try:  # our own cache: a damaged or outdated one is trained again, not trusted
+            load_strict(net, read_torch_file(path, "shapes feature-net cache"), path)
+            return net.eval()
+        except UserError as err:
+            print(f"{err}; training the recognition net again", file=sys.stderr)
+            net = ShapesFeatureNet(resolution)
     net, report = train_shapes_feature_net(resolution, progress=progress, **settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: another process may read it meanwhile
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(report, indent=1))
     return net
 

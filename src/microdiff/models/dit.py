@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..utils.registry import lookup
-from ..utils.weights import load_strict, read_safetensors
+from ..utils.weights import load_strict, read_safetensors, read_torch_file
 from .layers import (CrossAttention, Mlp, SelfAttention, SwiGLU, TimestepEmbedder, caption_tokens, layer_norm,
                      mean_tokens, modulate, noise_batch, round_up, sincos_pos_embed_2d, tanh_gelu)
 from .moe import ExpertChoiceMoE
@@ -415,11 +415,8 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch checkpoint (loaded with ``weights_only=True``)."""
     if str(path).endswith(".safetensors"):
         return read_safetensors(path, "checkpoint")  # a truncated or damaged file: one line naming it
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - the reason is kept in the message
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}); "
-                         "re-save its state dict with torch.save(model.state_dict()) or as safetensors") from err
+    return read_torch_file(path, "checkpoint", fix="re-save its state dict with torch.save(model.state_dict()) or "
+                                                   "as safetensors")
 
 
 def load_microdit(model: MicroDiT, path_or_state: str | dict[str, Any], strict: bool = True) -> MicroDiT:

@@ -31,6 +31,7 @@ import torch
 
 from ..utils.errors import UserError
 from ..utils.hashing import check_file, file_record
+from ..utils.weights import read_torch_file
 
 STEP_RE = re.compile(r"step-(\d{8})$")
 STATE_NAME = "state.pt"
@@ -152,10 +153,9 @@ def load_state(path: str | Path, verify: bool = True) -> dict[str, Any]:
         if problem:
             raise CheckpointDamaged(problem)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated zip, bad pickle, ...
-        raise CheckpointDamaged(f"{file}: cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-                                "; the checkpoint is damaged") from None
+        state = read_torch_file(file, "training state", fix="the checkpoint is damaged; resume from another one")
+    except UserError as err:
+        raise CheckpointDamaged(str(err)) from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointDamaged(f"{file}: not a microdiff training state")
     return state
