@@ -67,6 +67,8 @@ def _clean_denoiser(sigma: float, var: float = S0**2):
 def test_ambient_minimiser_is_the_clean_denoiser(sigma, sigma_tn):
     a, b = _fit(sigma, sigma_tn, ambient=True)
     a_true, b_true = _clean_denoiser(sigma)
+    # Measured over data seeds 0-4, all three cases: fitted minus closed form at most 0.002 (ambient)
+    # and 0.0013 (naive); naive minus clean 0.036-0.038 at (0.5, 0.2), 0.18 and 0.095 in the others.
     assert abs(a - a_true) < 0.01 and abs(b - b_true) < 0.01
     a_naive, _ = _fit(sigma, sigma_tn, ambient=False)
     a_wide, _ = _clean_denoiser(sigma, S0**2 + sigma_tn**2)
@@ -264,5 +266,6 @@ def test_consistency_loss_is_zero_in_expectation_for_the_true_denoiser():
     wrong = consistency_loss(lambda x, s: exact(x, s, 1.3 if float(s[0]) < 0.5 else 1.0), x_tn, sigma_tn, sigma,
                              steps=6, generator=g)
     se = float(good.std()) / n**0.5
+    # Measured over generator seeds 11-15: good / se -1.5 to 1.0, wrong / se 85-89
     assert abs(float(good.mean())) < 4 * se
     assert float(wrong.mean()) > 20 * se

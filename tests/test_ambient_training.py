@@ -67,10 +67,10 @@ def test_sigma_first_picks_only_eligible_samples_uniformly():
     assert set(low.tolist()) <= set(range(10))
     mid = index.choose(np.full(8000, 1.0), rng)
     assert set(mid.tolist()) <= set(range(40))
-    assert abs((mid < 10).mean() - 0.25) < 0.02  # uniform over the 40 eligible: 10/40 clean
+    assert abs((mid < 10).mean() - 0.25) < 0.02  # uniform over the 40 eligible: 10/40 clean (seeds 0-19: <= 0.013)
     high = index.choose(np.full(20000, 5.0), rng)
     counts = np.bincount(high, minlength=100)
-    assert counts.min() > 120 and counts.max() < 290  # ~200 each (binomial sd 14)
+    assert counts.min() > 120 and counts.max() < 290  # ~200 each (binomial sd 14; seeds 0-19: 158-246)
     assert index.fraction_eligible(1.0) == 0.4
 
 
@@ -111,7 +111,9 @@ def test_truncated_sigma_is_the_conditional_distribution():
     a, b = norm.cdf((math.log(0.5) + 0.4)), norm.cdf((math.log(3.0) + 0.4))
     cdf = (norm.cdf(z) - a) / (b - a)
     ks = np.abs(cdf - np.arange(1, n + 1) / n).max()
-    assert ks < 1.36 / math.sqrt(n) * 1.2  # Kolmogorov-Smirnov, 5% level (with slack)
+    # Kolmogorov-Smirnov at the 0.1% level (the 5% level with 1.2x slack fails about one seed in 100); over
+    # generator seeds 0-19: ks * sqrt(n) 0.38-1.37; clipping to [0.5, 3] instead of truncating gives 55.
+    assert ks < 1.95 / math.sqrt(n)
 
 
 # ----------------------------------------------------------------------------- per batch
@@ -132,7 +134,7 @@ def test_fixed_noise_realisation_is_per_sample_and_the_same_every_step():
     a = step(_batch(["a", "b", "c"], metas), x0, sigma, step=0, offset=0)
     b = step(_batch(["c", "a", "b"], [metas[2], metas[0], metas[1]]), x0, sigma, step=9, offset=4)
     torch.testing.assert_close(a[0][0], b[0][1], rtol=0, atol=0)  # sample "a": same noise at any step/position
-    assert float(a[0][0].std()) == pytest.approx(0.5, rel=0.15)
+    assert float(a[0][0].std()) == pytest.approx(0.5, rel=0.15)  # 192 values (seeds 0-19: within 7.7%)
     assert torch.equal(a[0][1], x0[1]) and torch.equal(a[0][2], x0[2])  # clean, and already noisy: untouched
     torch.testing.assert_close(a[2]["sigma_tn"], torch.tensor([0.5, 0.0, 0.2]))
     z = torch.randn(3, 8, 8, generator=sample_generator("a", 3))
@@ -156,7 +158,7 @@ def test_masked_inputs_hide_more_than_the_data_and_delta_zero_is_refused():
                                    torch.ones(4), step=0, offset=0)
     seen = kwargs["input_mask"]
     assert torch.equal(loss_mask, observed) and bool((seen <= observed).all())
-    assert float(seen.sum() / observed.sum()) == pytest.approx(0.8, abs=0.03)
+    assert float(seen.sum() / observed.sum()) == pytest.approx(0.8, abs=0.03)  # seeds 0-19: within 0.018
     with pytest.raises(ConfigError, match="nothing it cannot see is ever supervised"):
         AmbientStep(AmbientConfig(enabled=True, mask_input=True, delta=0.0), LevelTable(cfg, True), LogNormal(), 0)
     plain = AmbientStep(AmbientConfig(enabled=True), LevelTable(cfg, True), LogNormal(), 0)

@@ -139,10 +139,15 @@ MIXTURE = [[0.25, "noise:0.1"], [0.25, "noise:0.3"]]  # a quarter each; the othe
 
 
 def test_annotate_noisy_shapes_end_to_end(tmp_path):
-    """400 shapes at 16 px: half clean, a quarter with noise 0.1, a quarter with noise 0.3. Measured over
-    seeds 0-5 (this test runs seed 0): held-out accuracy 1.0 at sigma 0.01 and 0.49-0.51 at sigma 10;
-    median sigma_tn 0.10-1.0 for noise 0.1 and 0.40-1.6 for noise 0.3, higher for 0.3 in every seed;
-    none flagged; 16-21 s on one thread. The thresholds below leave margins around those ranges."""
+    """400 shapes at 16 px: half clean, a quarter with noise 0.1, a quarter with noise 0.3; this test runs
+    --seed 0 --data-seed 0. Measured over 14 runs (--seed 0-9 with data seed 0, and (0, 1), (1, 2), (2, 1),
+    (3, 2)); torch 2.13.0 and 2.14.1 give the same numbers in the 8 runs tried on both:
+    held-out accuracy 0.974-1.0 at sigma 0.01 and 0.464-0.506 at sigma 10; median sigma_tn 0.10-2.5 for
+    noise 0.1 and 0.63-10 for noise 0.3, equal in 4 runs (seed 0 among them: 1.58 and 1.58), so the medians'
+    order is no test; the mean of log10 sigma_tn is 0.10-1.28 higher for noise 0.3; 90-100% of noise-0.3
+    samples and 67-100% of noise-0.1 samples are trusted only at or above their own noise; 0-46% of the
+    low-quality samples flagged (0 in 10 runs). 16-80 s on one thread. The bounds below lie outside those
+    ranges: what they catch is written beside each."""
     out = tmp_path / "annotate"
     started = time.perf_counter()
     result = _run("shapes:400", "--resolution", "16", "--corruption", "noise:0.1@0.25,noise:0.3@0.25",
@@ -172,14 +177,20 @@ def test_annotate_noisy_shapes_end_to_end(tmp_path):
     assert counts["total"] == 400 and counts["low"] == len(by_level[0.1]) + len(by_level[0.3])
     assert sum(summary["sigma_tn"]["histogram"]["count"]) == counts["low"]
     assert len(accuracy) == len(summary["grid"]) == 16
-    # the classifier separates the classes at low noise and is at chance at high noise
+    # the classifier separates the classes at low noise and is at chance at high noise (a classifier that
+    # learnt nothing is at 0.5 everywhere; one that ignores sigma stays near 1)
     assert accuracy[0] >= 0.95, accuracy
     assert accuracy[-1] <= 0.6, accuracy
-    # noise 0.3 hides the difference only at larger sigma: median >= 0.3/2, and above noise 0.1's
-    med_01, med_03 = np.median(by_level[0.1]), np.median(by_level[0.3])
-    assert med_03 >= 0.15, (med_01, med_03)
-    assert med_03 > med_01, (med_01, med_03)
-    assert counts["flagged"] <= 0.05 * counts["low"], counts
+    # a noisy sample is trusted only above the noise it carries (0.90-1.0 and 0.67-1.0 measured; a rule
+    # that ignored the classifier's curve, or read it backwards, would put them at the bottom of the grid)
+    tn_01, tn_03 = np.array(by_level[0.1]), np.array(by_level[0.3])
+    assert np.mean(tn_03 >= 0.3) >= 0.8 and np.mean(tn_01 >= 0.1) >= 0.5, (tn_01, tn_03)
+    # noise 0.3 hides the difference only at larger sigma: on average (log scale) above noise 0.1's
+    # (0.10-1.28 measured; swapped levels give a negative difference)
+    log_gap = float(np.log10(tn_03).mean() - np.log10(tn_01).mean())
+    assert log_gap >= 0.05, (log_gap, np.median(tn_01), np.median(tn_03))
+    # a few samples may never cross the threshold (0-46% measured); a threshold nothing crosses flags all
+    assert counts["flagged"] <= 0.6 * counts["low"], counts
 
     with (out / "curves.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -187,7 +198,8 @@ def test_annotate_noisy_shapes_end_to_end(tmp_path):
     model = load_quality_classifier(out / "classifier.pt")
     assert model(torch.zeros(2, 3, 16, 16), 0.5).shape == (2,)
     print(f"annotate e2e: {seconds:.1f}s, accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}, "
-          f"median sigma_tn noise 0.1: {med_01:.3g}, noise 0.3: {med_03:.3g}")
+          f"median sigma_tn noise 0.1: {np.median(tn_01):.3g}, noise 0.3: {np.median(tn_03):.3g}, "
+          f"log10 gap {log_gap:.2f}")
 
 
 def test_annotate_without_low_quality_data_fails_in_one_line(tmp_path):

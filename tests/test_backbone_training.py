@@ -1,5 +1,11 @@
 """Each backbone family learns: a few hundred CPU steps on a captioned toy set lower the loss and make
-the caption matter (the x0 prediction is better with the true caption than with a wrong one)."""
+the caption matter (the x0 prediction is better with the true caption than with a wrong one).
+
+Measured over seeds 0-4 (model init, captions, batches and noise; torch 2.13.0 and 2.14.1 give the same
+numbers): the mean loss of the last 20 steps over the first 20 is 0.25-0.51 for MicroDiT, 0.42-0.54 with
+50% masking, 0.32-0.39 for the UNet (a model that does not learn stays near 1); the x0-prediction MSE with
+the true caption over a wrong one is 0.27-0.35, 0.33-0.47 and 0.09-0.21 (a model that ignores the caption
+gives 1). The bounds below sit outside those ranges."""
 
 from __future__ import annotations
 
@@ -63,7 +69,7 @@ def test_microdit_learns_captioned_bars(mask_ratio):
     torch.manual_seed(0)
     denoiser, captions, losses = train(MicroDiT_Nano_2(caption_channels=CAPTION_CHANNELS), 250, mask_ratio)
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.7 * first, (first, last)
     right, wrong = caption_gain(denoiser, captions)
     assert right < 0.7 * wrong, (right, wrong)
 
@@ -73,6 +79,6 @@ def test_unet_learns_captioned_bars():
     model = UNet_Small(in_channels=4, caption_channels=CAPTION_CHANNELS)
     denoiser, captions, losses = train(model, 250, None)
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.7 * first, (first, last)
     right, wrong = caption_gain(denoiser, captions)
     assert right < 0.7 * wrong, (right, wrong)

@@ -60,8 +60,10 @@ def test_toy_demo_runs_end_to_end(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     rows = {(r["sampler"], r["model"]): r for r in metrics["samplers"]}
     assert {"heun", "ddim", "dpmpp_2m", "dpmpp_3m", "euler_ancestral"} <= {s for s, _ in rows}
-    # with the exact denoiser every sampler lands near the sampling-noise floor (measured <= 4x);
-    # the trained model after 400 steps is worse but must already beat pure noise by far (~2.0)
+    # with the exact denoiser every sampler lands near the sampling-noise floor; the trained model after
+    # 400 steps is worse but must already beat pure noise by far (~2.0). Measured over demo seeds 0-4 (the
+    # same on torch 2.13.0 and 2.14.1): exact / null 1.2-2.6 (the null is one draw of 600 points: 0.05-0.10),
+    # trained sliced W1 0.11-0.17.
     for (sampler, model), r in rows.items():
         if model == "exact":
             assert r["sliced_w1"] < 6 * metrics["null_sliced_w1"], r

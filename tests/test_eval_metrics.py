@@ -58,9 +58,12 @@ def test_kid_of_one_distribution_is_zero_within_its_std_and_positive_when_shifte
     ref, same = rng.standard_normal((300, 8)), rng.standard_normal((300, 8))
     shifted = rng.standard_normal((300, 8)) + 1.0
     mean, std = kernel_inception_distance(same, ref, subsets=20, subset_size=150, seed=3)
-    assert std > 0 and abs(mean) <= std
+    # Measured over data seeds 0-29: |mean| / std 0.02-1.76 (<= 1 in only 87% of seeds); a biased
+    # V-statistic (diagonal kept) gives 4.6-7.6, so 3 separates them.
+    assert std > 0 and abs(mean) <= 3 * std
     mean_shift, std_shift = kernel_inception_distance(shifted, ref, subsets=20, subset_size=150, seed=3)
-    assert mean_shift > 10 * std_shift > 0 and mean_shift > 100 * abs(mean)
+    # Measured over seeds 0-29: mean_shift / std_shift 9.6-17.3, mean_shift / |mean| 200 and more.
+    assert mean_shift > 5 * std_shift > 0 and mean_shift > 50 * abs(mean)
 
 
 def test_kid_clips_subset_size_to_the_smaller_set_and_is_seeded():
@@ -118,7 +121,8 @@ def test_generator_covering_one_of_two_clusters_halves_recall_only():
     ref = np.concatenate([rng.standard_normal((200, 4)) + centres[0], rng.standard_normal((200, 4)) + centres[1]])
     gen = rng.standard_normal((400, 4)) + centres[0]
     result = precision_recall(gen, ref, k=3)
-    assert result["precision"] > 0.9
+    # Measured over data seeds 0-29: precision 0.90-0.96, recall 0.46-0.485.
+    assert result["precision"] > 0.85
     assert 0.4 < result["recall"] <= 0.5  # no ref point of the second cluster is covered
 
 

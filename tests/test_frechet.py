@@ -153,7 +153,8 @@ def test_pixel_features_are_block_means_flattened_channel_major():
 
 def test_pixel_fd_separates_a_different_distribution_on_shapes():
     """Two independent draws of the shapes distribution are much closer than a draw with black
-    backgrounds only (measured, 150 images at 8 x 8: 1.6 against 59)."""
+    backgrounds only (measured, 150 images at 8 x 8: 1.6 against 59; over 5 seed triples the ratio
+    other / same is 38-167)."""
     from microdiff.data.shapes import ShapesDataset
 
     def features(**kw):

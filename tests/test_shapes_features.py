@@ -30,7 +30,9 @@ def test_the_net_learns_the_attributes_and_is_cached_with_its_report(cached):
     weights = list(folder.glob("shapes-features-16px-*.pt"))
     assert len(weights) == 1
     report = __import__("json").loads(weights[0].with_suffix(".json").read_text())
-    assert report["colour_accuracy"] > 0.9 and report["background_accuracy"] > 0.9
+    # Measured over training seeds 0-4 (same on torch 2.13.0 and 2.14.1): held-out colour accuracy
+    # 0.87-0.97, background 1.0 (chance: 1/6 and 1/3).
+    assert report["colour_accuracy"] > 0.75 and report["background_accuracy"] > 0.9
     images = (_images(8, 3) + 1) / 2
     again = shapes_feature_net(folder, 16, **SETTINGS)  # loaded, not retrained
     assert list(folder.glob("shapes-features-16px-*.pt")) == weights
@@ -51,7 +53,9 @@ def test_fd_in_its_features_grows_with_blur_strength(cached):
         return apply_corruption(other, parse_corruption(f"blur:{sigma}"), torch.Generator().manual_seed(0)).images
 
     same, mild, strong = fd(other), fd(blurred(1.0)), fd(blurred(1.5))
-    assert same < mild < strong and strong > 1.8 * same
+    # Measured over training seeds 0-4: mild / same 1.13-1.54, strong / mild 1.23-1.58, strong / same
+    # 1.40-2.32 (a feature space blind to blur gives ratios near 1).
+    assert 1.05 * same < mild and 1.1 * mild < strong and strong > 1.25 * same, (same, mild, strong)
 
 
 def test_wrong_image_shape_is_a_one_line_error(cached):

@@ -60,7 +60,7 @@ def tiny_config(kind="vae", disc_start=None, ema=None, checkpoint_every=100, log
 
 
 # --- learning ---------------------------------------------------------------------------------------------------
-def test_training_halves_reconstruction_error_and_writes_the_run_folder(tmp_path):
+def test_training_lowers_reconstruction_error_and_writes_the_run_folder(tmp_path):
     data = ShapeImages(64, 16, seed=0)
     out = tmp_path / "run"
     config = tiny_config("vae", disc_start=80)
@@ -69,9 +69,11 @@ def test_training_halves_reconstruction_error_and_writes_the_run_folder(tmp_path
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 101))
     first, last = (np.mean([float(r["mse"]) for r in rows[k]]) for k in (slice(0, 5), slice(-5, None)))
-    assert last < 0.5 * first, (first, last)  # training batches: MSE at least halves
+    # Measured over training seeds 0-4 (the same on torch 2.13.0 and 2.14.1): last / first training MSE
+    # 0.33-0.55, held-out MSE after / before 0.33-0.53, held-out PSNR gain 2.9-5.2 dB (no learning: ~1 and ~0).
+    assert last < 0.75 * first, (first, last)  # training batches
     b, a = summary["before"], summary["after"]
-    assert a["mse"] < 0.5 * b["mse"] and a["psnr"] > b["psnr"] + 3, (b, a)  # held-out images too
+    assert a["mse"] < 0.75 * b["mse"] and a["psnr"] > b["psnr"] + 1.5, (b, a)  # held-out images too
     assert rows[-1]["g_loss"] and rows[-1]["d_loss"] and not rows[78]["g_loss"]  # GAN from step 80 (0-based)
     # the run folder
     assert json.loads((out / "metrics.json").read_text())["after"] == a
@@ -87,7 +89,7 @@ def test_training_halves_reconstruction_error_and_writes_the_run_folder(tmp_path
     with torch.no_grad():
         z = ae.encode(x)
     assert z.shape == (4, 4, 8, 8)
-    assert float(z.std()) == pytest.approx(1.0, abs=0.3)  # fitted scale: unit-variance latents on this data
+    assert float(z.std()) == pytest.approx(1.0, abs=0.3)  # fitted scale: unit-variance latents (seeds 0-4: 0.94-0.97)
     assert ae.config.scale == summary["scale"]
 
 

@@ -84,6 +84,7 @@ def test_demo_writes_everything_it_promises(tmp_path):
     assert all((out / r["file"]).is_file() for r in rows)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["checker_accuracy_on_real"] >= 0.99  # the judge itself is right on real images
+    # 20 steps train nothing yet: over train/data seeds 0-4 fd_pixel is 30-32 against a real-vs-real floor of 0.95
     assert 0.0 <= metrics["alignment"] <= 1.0 and metrics["fd_pixel"] > metrics["fd_pixel_real_vs_real"] >= 0
     assert "prompt alignment" in proc.stdout and "microdiff sample --checkpoint" in proc.stdout
 
