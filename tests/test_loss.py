@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from microdiff.data.mixture import GaussianMixture, OracleBackbone
+from microdiff.data.mixture import OracleBackbone
 from microdiff.diffusion.denoiser import EDM, Denoiser, EpsPrediction, VPrediction
 from microdiff.diffusion.loss import (LossResult, denoising_loss, edm_weight, eps_weight, make_weighting,
                                       masked_mse, min_snr_weight, unit_weight, v_weight)

@@ -5,7 +5,6 @@ MDSLatentDataset against micro_diffusion's columns (float16 bytes, 1x77x1024 tex
 """
 
 import importlib.util
-import io
 import json
 import struct
 from decimal import Decimal

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from microdiff.ambient.corruptions import additive_noise
 from microdiff.data.shapes import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset, caption_for,
                                    collate_shapes, render_shapes, sample_attributes, shapes_grid,
                                    write_shapes_folder)

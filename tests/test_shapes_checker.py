@@ -20,7 +20,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from scipy import ndimage
 
 from microdiff.ambient.corruptions import gaussian_blur

@@ -339,7 +339,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from ..pipeline import Pipeline
