@@ -29,7 +29,14 @@ def first_line(err: BaseException) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.filename}: {err.strerror}"
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    lines = text.strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
+        # raised in a DataLoader worker: torch re-raises it with the worker's traceback as the message;
+        # the original "Type: message" is its last line
+        original = lines[-1].strip()
+        name, sep, message = original.partition(": ")
+        return message if sep and name.split(".")[-1] == type(err).__name__ else original
+    return lines[0] if lines else type(err).__name__
 
 
 def report_error(command: str, message: str) -> int:
