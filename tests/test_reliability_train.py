@@ -135,7 +135,7 @@ def test_resume_never_into_an_existing_run_is_refused_and_nothing_is_touched(fin
     assert sorted(p.name for p in other.iterdir()) == ["cat.png"]  # not even a lock file: refused before locking
     # --out naming a file
     proc = run(config, other / "cat.png")
-    assert proc.returncode == 2 and "is a file, not a folder" in error_lines(proc)[-1]
+    assert proc.returncode == 2 and "a file, not a folder" in error_lines(proc)[-1]
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, run):
@@ -258,7 +258,7 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
     assert main(["train", str(config), "--out", str(tmp_path / "file" / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--out {tmp_path / 'file' / 'run'}: cannot write there" in err[0]
+    assert len(err) == 1 and f"--out {tmp_path / 'file' / 'run'}: cannot create this folder" in err[0]
     assert (tmp_path / "file").read_text() == "mine"
 
 

@@ -60,16 +60,12 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..utils.errors import UserError
+from ..utils.locks import FolderLock
 from .fetch import OPT_OUT_DIRECTIVES, USER_AGENT, DownloadError, FetchSettings, fetch
 from .shards import write_json_atomic
 from .transforms import to_rgb  # one rule for every Pillow mode, shared with the training transform
 from .url_sources import (CAPTION_COLUMNS, ERROR_KEY, URL_COLUMNS, Source, open_source, resolve_columns,
                           row_fields)
-
-try:
-    import fcntl  # POSIX: the folder lock; elsewhere runs are not locked
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 STATUS_FORMATS = ("jsonl", "parquet")
@@ -493,34 +489,8 @@ def _download_folder(out: Path) -> Iterator[Path]:
         if theirs:
             raise UserError(f"{out}: --out is not empty ({len(theirs)} entries, e.g. {theirs[0]}) and holds no "
                             f"{SETTINGS_NAME} of a download; choose a new or empty folder")
-    with _folder_lock(out):
+    with FolderLock(out, LOCK_NAME, "download"):
         yield out
-
-
-@contextmanager
-def _folder_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on ``out/.download.lock`` for as long as the run writes. The kernel drops it when
-    the process ends, however it ends, so a killed run leaves no stale lock behind."""
-    if fcntl is None:
-        yield
-        return
-    try:
-        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"{out}: cannot write in the --out folder ({e.strerror or e}); choose a folder you "
-                        "can write") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{out}: another download is writing to this folder (pid {holder}); wait for it to "
-                            "finish, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _previous_runs(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:

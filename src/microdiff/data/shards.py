@@ -58,6 +58,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..utils.jsondata import json_data
+from ..utils.files import write_json_atomic  # noqa: F401 - re-exported (shard folders use it)
 
 INFO_NAME = "dataset.json"
 FORMAT = "microdiff-latent-shards"
@@ -91,14 +92,6 @@ def read_dataset_info(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun precompute to rewrite it") from e
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def check_encoders(info: dict[str, Any], autoencoder: str | None = None, text_encoder: str | None = None) -> None:

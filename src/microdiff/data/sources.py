@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ambient.dataset import MIN_SIDE, CorruptedDataset, as_mixture
+from ..utils.argtypes import non_negative_int as nonnegative_int, positive_int  # noqa: F401 - re-exported
 from ..utils.errors import UserError
 from .captioned import MANIFEST_SUFFIXES, _is_saved_hf_dataset, make_dataset
 from .mds import MDSLatentDataset
@@ -400,26 +401,6 @@ def keep_quality(dataset, min_quality: float, source: str, progress: bool = True
 
 
 # ----------------------------------------------------------------------------- command-line options
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a one-line error otherwise)."""
-    return _bounded_int(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _bounded_int(text, 0)
-
-
-def _bounded_int(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
-
-
 def add_source_arguments(parser: argparse.ArgumentParser, *, filters: bool = False) -> None:
     """The options every command that reads a source shares (besides the source itself)."""
     parser.add_argument("--caption-column", default=None,

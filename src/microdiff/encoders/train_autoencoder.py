@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from ..utils.devices import resolve_device
+from ..utils.files import save_torch_atomic
 from ..utils.weights import read_torch_file
 from .ae_losses import (AELossConfig, PatchDiscriminator, PerceptualLoss, disc_active, generator_loss,
                         hinge_d_loss, psnr)
@@ -294,13 +294,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _run_settings(config: TrainAutoencoderConfig, batch_size: int, lr: float, seed: int, n: int,
                   perceptual: PerceptualLoss | None) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (everything but the number of steps)."""
@@ -366,7 +359,7 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
         before, seconds = reconstruction_metrics(trainer.model, held), 0.0
 
     def save_checkpoint():
-        _atomic_save({"trainer": trainer.state_dict(), "settings": settings, "history": history, "window": window,
+        save_torch_atomic({"trainer": trainer.state_dict(), "settings": settings, "history": history, "window": window,
                       "before": before, "seconds": seconds + time.perf_counter() - start,
                       "skipped": [list(s) for s in skipped], "replaced": replaced}, ckpt_path)
 

@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import datetime
-import errno
-import fcntl
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from ..utils.errors import UserError
+from ..utils.files import output_folder
+from ..utils.locks import FolderLock
 
 LOCK_NAME = ".lock"
 CONFIG_FILE = "config.yaml"
@@ -40,16 +38,7 @@ def _now() -> str:
 
 def check_writable(out: Path) -> None:
     """``out`` is (or can become) a folder this process can write, else one line saying why not."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a folder; pass a folder path for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); pass a folder you can write to") \
-            from None
+    output_folder(out, "--out")
 
 
 def is_run_folder(out: Path) -> bool:
@@ -70,60 +59,11 @@ def check_folder(out: Path, resume: str | None) -> None:
                         f"(no {CONFIG_FILE}); pass a new or empty --out")
 
 
-class RunLock:
-    """An exclusive lock on a run folder for as long as this object lives (``with RunLock(out) as lock``)."""
+class RunLock(FolderLock):
+    """The training run's lock on ``RUN/.lock`` (utils/locks.py)."""
 
     def __init__(self, out: Path):
-        self.path = Path(out) / LOCK_NAME
-        self.file = None
-        self.took_over: dict[str, Any] | None = None  # what a dead run's lock file said, if we took it over
-
-    def acquire(self) -> "RunLock":
-        file = open(self.path, "a+")
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _read_holder(self.path)
-            file.close()
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise UserError(f"{self.path}: cannot lock the run folder ({err.strerror}); pass another --out") \
-                    from None
-            who = (f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
-                   if holder else "another process")
-            raise UserError(f"--out {self.path.parent}: another training run ({who}) is writing to this folder; "
-                            "wait for it to finish, or pass another --out") from None
-        previous = _read_holder(self.path)
-        if previous and previous.get("pid") != os.getpid():
-            self.took_over = previous
-        file.seek(0)
-        file.truncate()
-        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}) + "\n")
-        file.flush()
-        self.file = file
-        return self
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.seek(0)
-            self.file.truncate()  # an empty lock file: the run ended cleanly; a filled one: its process died
-            self.file.flush()
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text() or "null")
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        super().__init__(out, LOCK_NAME, "training run")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,7 @@ naming the option, before hours of work are spent.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,22 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = _tmp(path)
     tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (indented, keys sorted) through a temporary file and a rename (readers never see half a file)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename (the folder is created if needed)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -55,4 +72,4 @@ def output_folder(path: str | os.PathLike, field: str = "--out") -> Path:
     return path
 
 
-__all__ = ["write_text_atomic", "write_png_atomic", "output_folder"]
+__all__ = ["write_text_atomic", "write_json_atomic", "save_torch_atomic", "write_png_atomic", "output_folder"]
