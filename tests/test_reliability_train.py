@@ -290,3 +290,27 @@ def test_every_torch_file_microdiff_reads_is_checked(tmp_path, how):
     with pytest.raises(ValueError, match=rf"^{path}: ") as err:
         load_checkpoint_file(str(path))
     assert "\n" not in str(err.value)
+
+
+def test_an_allowed_change_the_checkpoint_cannot_take_is_one_line_and_recorded_nowhere(finished, tmp_path, run):
+    config, straight = finished
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = snapshot(out)
+    proc = run(config, out, "model.options={dim: 48}", "--allow-config-change")
+    assert proc.returncode == 2
+    line = error_lines(proc)[-1]
+    assert f"{out / 'checkpoints' / 'step-00000012'}: weights do not match a TrainModule" in line
+    assert "pass a new --out, and model.init_from=RUN" in line
+    assert snapshot(out) == before  # no config_history.jsonl entry for a resume that did not happen
+
+
+def test_a_damaged_run_config_is_one_line(tmp_path, run):
+    config = write_config(tmp_path / "c.yaml", train={"steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: [\n")
+    proc = run(config, out)
+    assert proc.returncode == 2 and error_lines(proc) == [
+        f"microdiff train: error: {out / 'config.yaml'}: not valid YAML (while parsing a flow node); restore it "
+        "from a checkpoint's config.json, or pass a new --out"]

@@ -578,7 +578,11 @@ def run(args: argparse.Namespace) -> int:
     """``microdiff annotate``: bad input ends with a one-line error and exit status 2."""
     try:
         corruption = None if args.corruption is None else parse_mixture(args.corruption)
-        vocabulary = {} if args.vocabulary is None else yaml.safe_load(args.vocabulary)
+        try:
+            vocabulary = {} if args.vocabulary is None else yaml.safe_load(args.vocabulary)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--vocabulary {args.vocabulary!r}: not valid YAML ({str(err).splitlines()[0]}); write "
+                             "a mapping such as '{sizes: [large]}'") from None
         if not isinstance(vocabulary, dict):
             raise ValueError(f"--vocabulary: write a YAML mapping such as '{{sizes: [large]}}'; got {args.vocabulary!r}")
         config = AnnotateConfig(

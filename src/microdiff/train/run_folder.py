@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..utils.errors import UserError
 from ..utils.files import output_folder
 from ..utils.locks import FolderLock
@@ -106,6 +108,16 @@ def refuse_unsafe(changes: list[dict[str, Any]], against: str) -> None:
                         "--allow-config-change to continue with them (recorded in config_history.jsonl)")
 
 
+def read_run_config(path: Path) -> dict[str, Any] | None:
+    """A run folder's config.yaml as a dict; a damaged one is one line naming it."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); restore it from a checkpoint's "
+                        "config.json, or pass a new --out") from None
+    return data if isinstance(data, dict) else None
+
+
 def record_history(out: Path, step: int, changes: list[dict[str, Any]], forced: bool) -> None:
     row = {"time": _now(), "step": int(step), "allowed_by": "--allow-config-change" if forced else "resume-safe keys",
            "changes": changes}
@@ -113,5 +125,5 @@ def record_history(out: Path, step: int, changes: list[dict[str, Any]], forced: 
         f.write(json.dumps(row, default=str) + "\n")
 
 
-__all__ = ["RunLock", "check_writable", "check_folder", "is_run_folder", "config_changes", "refuse_unsafe",
+__all__ = ["RunLock", "check_writable", "check_folder", "is_run_folder", "config_changes", "refuse_unsafe", "read_run_config",
            "record_history", "RESUME_SAFE", "LOCK_NAME", "CONFIG_FILE", "HISTORY_FILE"]

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from ..data.report import SkipReport
@@ -37,7 +36,8 @@ from ..diffusion.denoiser import Denoiser, make_parameterization
 from ..diffusion.loss import denoising_loss, make_weighting
 from ..diffusion.noise import make_noise_distribution
 from ..encoders.pipeline_folder import SamplingDefaults, is_pipeline_folder, read_weights, write_pipeline_folder
-from ..utils.errors import UserError
+from ..utils.errors import UserError, first_line
+from ..utils.weights import load_strict
 from .checkpoint import latest_checkpoint, load_state, replace_dir, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config, to_dict
 from .data import build_batches, split_batch, to_device
@@ -45,7 +45,7 @@ from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, set
 from .ema import EMA
 from .monitor import Monitor
 from .run_folder import CONFIG_FILE, HISTORY_FILE, RunLock, check_folder, check_writable, config_changes, \
-    record_history, refuse_unsafe
+    read_run_config, record_history, refuse_unsafe
 from .optim import lr_factor, make_optimizer, parameter_groups, set_lr
 
 
@@ -410,7 +410,7 @@ class Trainer:
                 "rng": rng_states, "world_size": self.dist.world_size, "monitor": monitor,
                 "config": json.loads(json.dumps(to_dict(self.config)))}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         if state.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"the checkpoint was written by {state.get('world_size')} processes and this run has "
                              f"{self.dist.world_size}: resume with the same number of processes")
@@ -420,9 +420,15 @@ class Trainer:
             set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
+            load_strict(self.module, state["model"], source, fix=_UNFIT)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise UserError(f"{source}: its optimizer state does not fit this model ({err}); {_UNFIT}") from None
+        try:
+            self.ema.load_state_dict(state["ema"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise UserError(f"{source}: its EMA weights do not fit this model ({first_line(err)}); {_UNFIT}") from None
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"][self.dist.rank])
         _set_rng_state(state["rng"][self.dist.rank])
@@ -588,9 +594,10 @@ class Trainer:
         lock = self._claim_folder(resume)
         try:
             resumed_from, state = self._resume_state(resume)
-            self._check_config(resumed_from, state, allow_config_change)
+            changes = self._check_config(resumed_from, state, allow_config_change)
             if state is not None:
-                self.load_state_dict(state)
+                self.load_state_dict(state, source=str(resumed_from))
+            self._record_config(state, changes, allow_config_change)
             self._fit(resumed_from, state)
         finally:
             if lock is not None:
@@ -638,31 +645,39 @@ class Trainer:
             return None, None
         return Path(path), load_state(path, verify=False)  # resolve_resume checked its hashes
 
-    def _check_config(self, resumed_from: Path | None, state: dict[str, Any] | None, allowed: bool) -> None:
-        """Against the config the checkpoint was trained with (or the run folder's config.yaml when no
-        checkpoint was written yet): refuse changes that break an exact resume unless ``allowed``; record
-        any change in config_history.jsonl; write config.yaml only for a new run."""
-        error = None
+    def _check_config(self, resumed_from: Path | None, state: dict[str, Any] | None,
+                      allowed: bool) -> list[dict[str, Any]]:
+        """The changes against the config the checkpoint was trained with (or the run folder's config.yaml
+        when no checkpoint was written yet); changes that break an exact resume are refused unless
+        ``allowed``. Rank 0 decides; every rank gets the same answer."""
+        error, changes = None, []
         if self.dist.is_main:
             current = json.loads(json.dumps(to_dict(self.config)))
-            saved, against = None, None
-            if state is not None and state.get("config"):
-                saved, against = state["config"], f"checkpoint {resumed_from}"
-            elif (self.out / CONFIG_FILE).is_file():
-                saved, against = yaml.safe_load((self.out / CONFIG_FILE).read_text()), str(self.out / CONFIG_FILE)
             try:
+                saved, against = None, None
+                if state is not None and state.get("config"):
+                    saved, against = state["config"], f"checkpoint {resumed_from}"
+                elif (self.out / CONFIG_FILE).is_file():
+                    saved, against = read_run_config(self.out / CONFIG_FILE), str(self.out / CONFIG_FILE)
                 changes = config_changes(saved, current) if isinstance(saved, dict) else []
                 if not allowed:
                     refuse_unsafe(changes, against)
-                if changes:
-                    record_history(self.out, int(state["step"]) if state else 0, changes, forced=allowed)
-                    print(f"config changes recorded in {self.out / HISTORY_FILE}: "
-                          + ", ".join(f"{ch['key']}={ch['new']!r}" for ch in changes[:6]), flush=True)
-                if not (self.out / CONFIG_FILE).is_file():
-                    save_config(self.config, self.out / CONFIG_FILE)
             except UserError as err:
                 error = str(err)
         self._agree(error)
+        return changes
+
+    def _record_config(self, state: dict[str, Any] | None, changes: list[dict[str, Any]], forced: bool) -> None:
+        """Once the checkpoint has loaded: append the changes to config_history.jsonl; write config.yaml only
+        for a new run (it stays the config the run was started with)."""
+        if not self.dist.is_main:
+            return
+        if changes:
+            record_history(self.out, int(state["step"]) if state else 0, changes, forced=forced)
+            print(f"config changes recorded in {self.out / HISTORY_FILE}: "
+                  + ", ".join(f"{ch['key']}={ch['new']!r}" for ch in changes[:6]), flush=True)
+        if not (self.out / CONFIG_FILE).is_file():
+            save_config(self.config, self.out / CONFIG_FILE)
 
     def _fit(self, resumed_from: Path | None, state: dict[str, Any] | None) -> None:
         c = self.config
@@ -713,6 +728,10 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=False):
             images = pipe.generate(prompt=list(self.config.log.sample_prompts), seed=self.config.log.sample_seed)
         monitor.images(self.step, images, list(self.config.log.sample_prompts))
+
+
+_UNFIT = ("the config change makes the checkpoint unusable for a resume; pass a new --out, and model.init_from=RUN "
+          "to start from its weights")
 
 
 def _plain_class(module: nn.Module) -> type:
