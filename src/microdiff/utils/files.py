@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import UserError
 
@@ -72,4 +72,52 @@ def output_folder(path: str | os.PathLike, field: str = "--out") -> Path:
     return path
 
 
-__all__ = ["write_text_atomic", "write_json_atomic", "save_torch_atomic", "write_png_atomic", "output_folder"]
+WRITTEN_BY = "written_by"  # the key (JSON, .npz) or PNG text chunk that says which command made a file
+
+
+def stamp(command: str) -> dict[str, str]:
+    """``{"written_by": "microdiff <command>"}``: put it into every JSON report a command writes, so that a
+    rerun knows the file is its own (replaceable) and not something the user made (never overwritten)."""
+    return {WRITTEN_BY: f"microdiff {command}"}
+
+
+def written_by(path: str | os.PathLike) -> str | None:
+    """Which microdiff command wrote ``path`` (from its stamp), or None for a file of anyone else."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data.get(WRITTEN_BY) if isinstance(data, dict) else None
+        if path.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return image.text.get(f"microdiff:{WRITTEN_BY}") if hasattr(image, "text") else None
+        if path.suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as data:
+                return str(data[WRITTEN_BY]) if WRITTEN_BY in data.files else None
+    except (OSError, ValueError, UnicodeDecodeError, SyntaxError):
+        return None
+    return None
+
+
+def output_file(path: str | os.PathLike, field: str, command: str,
+                ours: Callable[[Path], bool] | None = None) -> Path:
+    """A file a command is about to write at ``path`` (given as ``field``): its folder is created, and an
+    existing file is replaced only when this command wrote it (``written_by`` or the ``ours`` test), else
+    one UserError naming the field; a folder or an unwritable place is one line too."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{field} {path}: a folder, not a file; pass a file path")
+    if path.exists():
+        mine = ours(path) if ours is not None else written_by(path) == f"microdiff {command}"
+        if not mine:
+            raise UserError(f"{field} {path}: the file exists and was not written by microdiff {command}; pass "
+                            "another path, or move it away first")
+    output_folder(path.parent, field)
+    return path
+
+
+__all__ = ["stamp", "written_by", "output_file", "WRITTEN_BY", "write_text_atomic", "write_json_atomic", "save_torch_atomic", "write_png_atomic", "output_folder"]
