@@ -314,3 +314,67 @@ def test_a_damaged_run_config_is_one_line(tmp_path, run):
     assert proc.returncode == 2 and error_lines(proc) == [
         f"microdiff train: error: {out / 'config.yaml'}: not valid YAML (while parsing a flow node); restore it "
         "from a checkpoint's config.json, or pass a new --out"]
+
+
+@pytest.mark.parametrize("files, name, message", [
+    ({"empty.yaml": ""}, "empty.yaml", "the config is empty; set at least the sections you mean"),
+    ({"image.png": b"\x89PNG\r\n\x1a\n\x00\x00"}, "image.png", "not a YAML config (not UTF-8 text)"),
+    ({"inner.yaml": "stages: [c.yaml]\n", "outer.yaml": "stages: [inner.yaml]\n"}, "outer.yaml",
+     "stage inner.yaml is itself a stages file; list its stages here instead"),
+    ({"a/s.yaml": None, "b/s.yaml": None, "dup.yaml": "stages: [a/s.yaml, b/s.yaml]\n"}, "dup.yaml",
+     "two stages are named 's' (each stage trains into OUT/<file name>); rename one of the files"),
+    ({"miss.yaml": "stages: [c.yaml, nope.yaml]\n"}, "miss.yaml", "nope.yaml does not exist; fix the name in 'stages'"),
+])
+def test_configs_that_cannot_be_what_was_meant_are_refused_before_anything_trains(tmp_path, run, files, name,
+                                                                                   message):
+    config = write_config(tmp_path / "c.yaml", train={"steps": 2})
+    for rel, content in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            shutil.copy(config, path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    proc = run(tmp_path / name, tmp_path / "out")
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and message in error_lines(proc)[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_folders_without_done_are_not_a_silent_restart(finished, tmp_path, run):
+    config, straight = finished
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    for _, path in list_checkpoints(out):
+        (path / "DONE").unlink()
+    before = snapshot(out)
+    proc = run(config, out, "train.steps=14")
+    assert proc.returncode == 2 and "none of the 3 checkpoints is intact" in error_lines(proc)[-1]
+    assert "incomplete (no DONE)" in error_lines(proc)[-1]
+    assert snapshot(out) == before
+
+
+def test_ambient_annotations_of_another_dataset_are_refused(tmp_path, run):
+    annotations = tmp_path / "annotations.csv"
+    annotations.write_text("key,sigma_tn,sigma_max\n00000,0.5,\n00001,0.8,\n")
+    config = write_config(tmp_path / "c.yaml", train={"steps": 2})
+    proc = run(config, tmp_path / "out", "ambient.enabled=true", f"ambient.annotations={annotations}")
+    assert proc.returncode == 2
+    assert error_lines(proc)[-1].startswith(f"microdiff train: error: ambient.annotations={annotations}: none of its 2 "
+                                            "keys is a sample of data.source=shapes:64 (its first key is '00000'")
+
+
+def test_the_toy_demo_never_writes_over_another_folder(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "loss.png").write_bytes(b"my plot")
+    assert main(["demo", "--toy", "--out", str(mine), "--steps", "20", "--samples", "20", "--no-progress"]) == 2
+    assert "holds no toy demo" in capsys.readouterr().err and (mine / "loss.png").read_bytes() == b"my plot"
+    toy = tmp_path / "toy"
+    assert main(["demo", "--toy", "--out", str(toy), "--steps", "20", "--samples", "20", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--toy", "--out", str(toy), "--steps", "20", "--samples", "30", "--no-progress"]) == 2
+    assert "holds a toy demo made with other settings (n_samples 20 -> 30)" in capsys.readouterr().err
+    assert main(["demo", "--samples", "30", "--out", str(tmp_path / "d")]) == 2  # --toy only: not ignored
+    assert "--samples: applies to the toy demo only" in capsys.readouterr().err

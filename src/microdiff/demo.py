@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from .utils.argtypes import int_at_least, positive_int
+from .utils.devices import parse_device
+from .utils.errors import UserError
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
@@ -143,16 +145,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fd-samples", type=int_at_least(2), default=200,
                         help="images per set for the pixel Fréchet distance (default: 200)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--samples", type=int_at_least(2), default=4000, help="--toy only: points per sampler")
+    parser.add_argument("--samples", type=int_at_least(2), default=None,
+                        help="--toy only: points per sampler (default: 4000)")
     parser.add_argument("--toy", action="store_true",
                         help="instead: the 2-D sampler comparison (every sampler vs exact samples, < 1 min)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.samples is not None and not args.toy:
+        raise UserError("--samples: applies to the toy demo only (--toy); the image demo's sample count is fixed "
+                        "(18 prompts x 4 seeds), its FD set size is --fd-samples")
+    if args.device is not None:
+        parse_device(args.device, "--device")
     if args.toy:
         from .toy_demo import run_smoke_demo
 
-        run_smoke_demo(args.out, steps=args.steps or 3000, n_samples=args.samples, progress=not args.no_progress)
+        run_smoke_demo(args.out, steps=args.steps or 3000, n_samples=args.samples or 4000,
+                       progress=not args.no_progress)
         return 0
     overrides = list(args.overrides)
     if args.steps is not None:

@@ -24,6 +24,8 @@ from microdiff.diffusion.noise import LogNormal
 from microdiff.diffusion.toy_training import train_denoiser
 from microdiff.eval.distances import sliced_wasserstein
 from microdiff.models import MLPBackbone
+from microdiff.utils.errors import UserError
+from microdiff.utils.files import output_folder, stamp, write_json_atomic, written_by
 from microdiff.utils.plots import line_plot, scatter_panels
 
 # sampler, steps, options: roughly equal denoiser-call budgets (heun uses 2 calls a step)
@@ -38,6 +40,9 @@ DEMO_SAMPLERS = [
 ]
 
 
+COMMAND = "demo --toy"
+
+
 def demo_mixture() -> GaussianMixture:
     """Eight blobs on a circle of radius 2 and one in the middle."""
     ring = GaussianMixture.ring(8, radius=2.0, std=0.12)
@@ -47,8 +52,7 @@ def demo_mixture() -> GaussianMixture:
 
 def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, seed: int = 0,
                    progress: bool = True) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out, {"train_steps": steps, "n_samples": n_samples, "seed": seed})
     torch.manual_seed(seed)
     mixture = demo_mixture()
     data_std = float(mixture.sample(100_000, torch.Generator().manual_seed(seed)).std())
@@ -62,9 +66,9 @@ def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, se
     trained = train_denoiser(denoiser, lambda n, g: mixture.sample(n, g), noise, steps=steps,
                              batch_size=512, lr=2e-3, seed=seed, progress=progress)
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, out / "model.safetensors")
-    config = {"backbone": {"name": "mlp", **backbone.config}, "parameterization": param.config(),
-              "noise": noise.config(), "train_steps": steps, "seed": seed}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    config = {**stamp(COMMAND), "backbone": {"name": "mlp", **backbone.config}, "parameterization": param.config(),
+              "noise": noise.config(), "train_steps": steps, "n_samples": n_samples, "seed": seed}
+    write_json_atomic(out / "config.json", config)
 
     print(f"[2/3] sampling {n_samples} points with {len(DEMO_SAMPLERS)} samplers")
     reference = mixture.sample(n_samples, torch.Generator().manual_seed(seed + 1))
@@ -102,6 +106,26 @@ def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, se
     _print_table(rows, summary)
     print(f"\nwrote {out}/samples.png, loss.png, metrics.csv, metrics.json, model.safetensors, config.json")
     return summary
+
+
+def claim_folder(out: str | Path, settings: dict) -> Path:
+    """``out`` for the toy demo: new, empty, or an earlier toy demo with the same settings (which it then
+    writes again, identically); anything else is refused in one line, so nothing of yours is replaced."""
+    out = output_folder(out, "--out")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return out
+    config = out / "config.json"
+    if written_by(config) != f"microdiff {COMMAND}":
+        raise UserError(f"--out {out}: the folder is not empty ({', '.join(entries[:3])}) and holds no toy demo; "
+                        "pass a new or empty --out")
+    before = json.loads(config.read_text())
+    changed = [k for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise UserError(f"--out {out}: holds a toy demo made with other settings ("
+                        + ", ".join(f"{k} {before.get(k)} -> {settings[k]}" for k in changed)
+                        + "); pass another --out")
+    return out
 
 
 def _smooth(values, window: int = 50) -> np.ndarray:

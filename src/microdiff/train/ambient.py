@@ -122,6 +122,24 @@ class LevelTable:
         return lo, INF if levels.sigma_max is None else levels.sigma_max
 
 
+def check_annotation_keys(table: LevelTable, keys: list[str], path: str | None, source: str) -> str | None:
+    """Refuse annotations that name none of the dataset's samples (an annotations file of another
+    dataset would silently train everything as clean); returns a note when only some are covered."""
+    if not table.annotations:
+        return None
+    matched = sum(1 for k in keys if k in table.annotations)
+    if matched == 0:
+        first = next(iter(table.annotations))
+        raise ConfigError(f"ambient.annotations={path}: none of its {len(table.annotations)} keys is a sample of "
+                          f"data.source={source} (its first key is {first!r}, the data's "
+                          f"{keys[0] if keys else 'none'!r}); annotate this dataset with microdiff annotate, or "
+                          "fix the keys")
+    if matched < len(keys):
+        return (f"ambient: {matched} of {len(keys)} samples are in {path}; the other {len(keys) - matched} use "
+                "their own meta and ambient.rules")
+    return None
+
+
 # ----------------------------------------------------------------------------- selection
 class EligibilityIndex:
     """Samples grouped by their (lo, hi] range; picks, for each sigma, a sample eligible there."""

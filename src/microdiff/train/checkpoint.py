@@ -169,8 +169,17 @@ def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
     return load_state(path).get("config")
 
 
+def _step_folders(run: str | Path) -> list[tuple[int, Path]]:
+    """Every step-NNNNNNNN folder of a run, complete or not, oldest first (a folder without DONE was not
+    written by a save, which renames complete folders into place: it was damaged or copied in part)."""
+    root = checkpoint_dir(run)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+
+
 def _latest_intact(run: str | Path, note: Callable[[str], None]) -> Path | None:
-    found = list_checkpoints(run)
+    found = _step_folders(run)
     passed = []
     for step, path in reversed(found):
         problem = verify_checkpoint(path)

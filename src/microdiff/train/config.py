@@ -337,9 +337,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config (not UTF-8 text); pass a .yaml file such as "
+                          "configs/demo.yaml") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty; set at least the sections you mean (see configs/demo.yaml), "
+                          "or start from another file with 'extends: other.yaml'")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("extends", None)
@@ -484,7 +490,18 @@ def stage_files(path: str | Path) -> list[Path] | None:
         return None
     if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
         raise ConfigError(f"{path}: stages must be a non-empty list of config file names")
-    return [(path.parent / s).resolve() for s in stages]
+    files = [(path.parent / s).resolve() for s in stages]
+    for file in files:  # all of them before any stage trains
+        if not file.is_file():
+            raise ConfigError(f"{path}: stage {file} does not exist; fix the name in 'stages'")
+        if "stages" in _read_yaml(file):
+            raise ConfigError(f"{path}: stage {file.name} is itself a stages file; list its stages here instead")
+    names = [f.stem for f in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: two stages are named {twice[0]!r} (each stage trains into OUT/<file name>); "
+                          "rename one of the files")
+    return files
 
 
 def shared_sections(path: str | Path) -> dict[str, Any]:

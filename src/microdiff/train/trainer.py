@@ -352,18 +352,25 @@ class Trainer:
 
     def _build_ambient(self):
         """The per-batch ambient step, and (sigma_first) batches chosen for each step's sigmas."""
-        from .ambient import AmbientStep, EligibilityIndex, LevelTable, mixed_seed, sigma_first_batch
+        from .ambient import (AmbientStep, EligibilityIndex, LevelTable, check_annotation_keys, mixed_seed,
+                              sigma_first_batch)
         from .data import MapBatches, SigmaFirstBatches, scan_records
 
         c = self.config
         table = LevelTable(c.ambient, pixel_space=self.autoencoder.identifier.split(":")[0] == "identity")
         step = AmbientStep(c.ambient, table, self.noise_dist, c.train.seed)
+        records, coverage = None, None
+        if isinstance(self.data, MapBatches) and (table.annotations or c.ambient.selection == "sigma_first"):
+            records = scan_records(self.data.dataset, "ambient noise levels",
+                                   progress=self.dist.is_main and c.log.progress)
+            coverage = check_annotation_keys(table, [r[0] for r in records if r is not None], c.ambient.annotations,
+                                             c.data.source)
         if c.ambient.selection == "sample_first":
-            return step, "ambient: sample_first (each sample's sigma drawn inside its range)"
+            return step, "; ".join(filter(None, ["ambient: sample_first (each sample's sigma drawn inside its range)",
+                                                 coverage]))
         if not isinstance(self.data, MapBatches):
             raise ValueError("ambient.selection=sigma_first picks samples by index, which streamed shard folders "
                              "cannot do; use ambient.selection=sample_first")
-        records = scan_records(self.data.dataset, "ambient noise levels", progress=self.dist.is_main and c.log.progress)
         bounds = np.array([table.bounds(table.levels(*r)) if r is not None else (np.inf, np.inf) for r in records])
         index = EligibilityIndex(bounds[:, 0], bounds[:, 1])
         global_batch, seed = c.train.batch_size, c.train.seed
@@ -378,7 +385,7 @@ class Trainer:
         lo = bounds[np.isfinite(bounds[:, 0]), 0]
         levels = ", ".join(f"{v:g} x{int(n)}" for v, n in zip(*np.unique(lo[lo > 0], return_counts=True)))
         report = (f"ambient: sigma_first over {len(lo)} samples, {int((lo == 0).sum())} clean"
-                  + (f"; used only above {levels}" if levels else ""))
+                  + (f"; used only above {levels}" if levels else "") + (f"; {coverage}" if coverage else ""))
         return step, report
 
     @property
