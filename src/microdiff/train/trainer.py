@@ -664,6 +664,11 @@ class Trainer:
                 saved, against = None, None
                 if state is not None and state.get("config"):
                     saved, against = state["config"], f"checkpoint {resumed_from}"
+                    try:  # the run's own record: say so when it is damaged (it is never rewritten)
+                        if (self.out / CONFIG_FILE).is_file() and read_run_config(self.out / CONFIG_FILE) is None:
+                            raise UserError(f"{self.out / CONFIG_FILE}: not a config mapping")
+                    except UserError as err:
+                        print(f"note: {err}; resuming with the config stored in {resumed_from}", flush=True)
                 elif (self.out / CONFIG_FILE).is_file():
                     saved, against = read_run_config(self.out / CONFIG_FILE), str(self.out / CONFIG_FILE)
                 changes = config_changes(saved, current) if isinstance(saved, dict) else []
