@@ -276,6 +276,11 @@ def test_eval_generate_refuses_a_foreign_folder_and_a_locked_one(here, pipe_dir,
     with FolderLock(here / "g", ".lock", "test"):
         _one_line(_cli(capsys, *_gen(pipe_dir, "p.txt", "g")), "writing to this folder")
     assert "skipped 2 that existed" in _ok(_cli(capsys, *_gen(pipe_dir, "p.txt", "g")))
+    shutil.copy(here / "a" / "00000.png", here / "g" / "images" / "photo.png")  # eval fid would score it too
+    _one_line(_cli(capsys, *_gen(pipe_dir, "p.txt", "g")), "photo.png", "not an image that microdiff eval generate")
+    (here / "g" / "images" / "notes.txt").write_text("not an image: never read, never written")
+    (here / "g" / "images" / "photo.png").unlink()
+    assert "skipped 2 that existed" in _ok(_cli(capsys, *_gen(pipe_dir, "p.txt", "g")))
 
 
 # ----------------------------------------------------------------------------- 6: output files
@@ -346,6 +351,20 @@ def test_options_that_would_be_ignored_are_refused(here, capsys):
     _one_line(_cli(capsys, *FID, "--ref", "b", "--save-ref-stats", "r.npz", "--metrics", "kid"), "--metrics")
     _one_line(_cli(capsys, *MEM, "--gen", "a", "--train", "b", "--train-seed", "3", "--out", "m"), "--train-seed")
     assert not (here / "r.npz").exists() and not (here / "m").exists()
+
+
+def test_outputs_that_would_spoil_the_inputs_or_each_other_are_refused(here, capsys):
+    """A report inside --gen (its PNGs read as generated images next time), --out naming the
+    --save-ref-stats file, --prompts naming a folder, a --ref file that is no statistics file."""
+    for out in ("a/mem", "b"):
+        _one_line(_cli(capsys, *MEM, "--gen", "a", "--train", "b", "--out", out), f"--out {out}", "inside")
+    assert sorted(p.name for p in (here / "a").iterdir() if p.suffix == ".png") == [f"{i:05d}.png" for i in range(8)]
+    _one_line(_cli(capsys, *FID, "--gen", "a", "--ref", "b", "--out", "x.npz", "--save-ref-stats", "x.npz"),
+              "--save-ref-stats")
+    assert not (here / "x.npz").exists()
+    _one_line(_cli(capsys, *FID, "--gen", "a", "--ref", "a/00000.txt"), "--ref a/00000.txt", ".npz")
+    _one_line(_cli(capsys, *FID, "--gen", "a", "--ref", "b", "--resolution", "3"), "pixels:4", "--resolution")
+    _one_line(_cli(capsys, "eval", "clip-score", "--prompts", "a", "--quiet"), "--prompts a", "a folder")
 
 
 def test_degenerate_inputs_and_non_finite_features_are_one_line_naming_the_input(here, capsys):

@@ -68,7 +68,8 @@ def read_pairs(prompts: str | Path, images: str | Path | None) -> tuple[list[Pai
     """(image, prompt) pairs, the images folder and notes, from an index.csv or a prompts file + naming."""
     prompts = Path(prompts)
     if not prompts.is_file():
-        raise FileNotFoundError(f"--prompts {prompts}: no such file; pass the index.csv that eval generate wrote, or a "
+        what = "a folder, not a file" if prompts.is_dir() else "no such file"
+        raise FileNotFoundError(f"--prompts {prompts}: {what}; pass the index.csv that eval generate wrote, or a "
                                 "prompts file with --images")
     if _is_index(prompts):
         folder = Path(images) if images else prompts.parent / IMAGES_DIR

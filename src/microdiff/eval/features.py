@@ -142,6 +142,9 @@ class PixelFeatures(Features):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         from .frechet import pixel_features
 
+        if min(images.shape[-2:]) < self.size:
+            raise ValueError(f"pixels:{self.size}: the images are {images.shape[-2]} x {images.shape[-1]}, smaller than "
+                             f"{self.size}; pass --resolution {self.size} or more, or a smaller pixels:SIZE")
         return pixel_features(images, self.size)
 
 

@@ -148,6 +148,8 @@ def check_options(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
                              "layout)")
         output_file(args.save_ref_stats, "--save-ref-stats", COMMAND)
     if args.out is not None:
+        if args.save_ref_stats is not None and Path(args.out).resolve() == Path(args.save_ref_stats).resolve():
+            raise ValueError(f"--out {args.out}: the same file as --save-ref-stats; pass another --out FILE.json")
         output_file(args.out, "--out", COMMAND, ours=_ours_json)
     return metrics, args.k or DEFAULT_K
 
@@ -174,6 +176,9 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     result: dict[str, Any] = {**stamp(COMMAND), "features": features.name, "resolution": resolution, "notes": []}
     ref_path = Path(args.ref)
+    if ref_path.is_file() and ref_path.suffix != ".npz":
+        raise ValueError(f"--ref {ref_path}: a file but not a .npz statistics file; pass a reference image folder or "
+                         "the FILE.npz that --save-ref-stats wrote")
     if ref_path.suffix == ".npz":
         reference = load_statistics(ref_path)
         result["ref_skipped"] = []

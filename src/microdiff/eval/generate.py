@@ -65,6 +65,7 @@ from ..utils.devices import backbone_dtype
 from ..utils.files import WRITTEN_BY, output_folder, stamp, write_png_atomic, write_text_atomic
 from ..utils.locks import FolderLock
 from .errors import USER_ERRORS, first_line
+from .images import IMAGE_SUFFIXES
 
 DEFAULT_GUIDANCE = 1.5  # micro_diffusion's classifier-free guidance for its COCO FID numbers
 SEED_STRIDE = 1_000_000_000  # seed s of row i uses the pipeline seed s * SEED_STRIDE + i
@@ -97,7 +98,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     """The prompts of a .csv/.tsv, .txt or .json/.jsonl file (see the module docstring), in file order."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompts file; pass a .csv/.tsv with a caption column, a .txt "
+        raise FileNotFoundError(f"{path}: {'a folder, not a' if path.is_dir() else 'no such'} prompts file; pass a .csv/.tsv with a caption column, a .txt "
                                 "with one prompt per line, or a .json/.jsonl list of {id, prompt}")
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".txt", ".json", ".jsonl"):
@@ -300,8 +301,8 @@ def check_folder(out: Path) -> None:
                          "a new or empty folder (nothing was changed)")
     folder = out / IMAGES_DIR
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
-            continue  # a killed run's temporary file (removed at the end)
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue  # not read as an image by eval fid / clip-score (a killed run's .tmp is removed at the end)
         info = _png_text(path) if path.is_file() else None
         if info is None or not _ours(info):
             raise ValueError(f"{path}: not an image that microdiff {COMMAND} wrote; move it away or use another "

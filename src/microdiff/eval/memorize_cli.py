@@ -131,6 +131,12 @@ def _check_args(args: argparse.Namespace) -> list[float]:
         what = "a features file, which records the seed it was made with" if is_file else "not a shapes:N source"
         raise ValueError(f"--train-seed: applies to --train shapes:N only (it sets their content), and --train "
                          f"{args.train} is {what}; leave --train-seed out")
+    out = Path(args.out).expanduser().resolve()
+    for flag in ("--gen", "--train"):
+        folder = Path(getattr(args, flag[2:])).expanduser()
+        if folder.is_dir() and (out == folder.resolve() or folder.resolve() in out.parents):
+            raise ValueError(f"--out {args.out}: inside {flag} {folder}, whose images are read recursively, so the "
+                             f"report's PNGs would count as {flag[2:]} images next time; pass --out outside it")
     if args.save_train_features is not None:
         if is_file:
             raise ValueError(f"--save-train-features: --train {args.train} is already a features file; pass the "
@@ -472,15 +478,15 @@ def _search_and_report(args: argparse.Namespace, info: Any, held: contextlib.Exi
                 train_file.check_dim(features.dim, features.name)
         settings = settings_of(args, features.name, resolution, thresholds)
         check_report_folder(Path(args.out), settings)  # every rank reads; rank 0 then locks and checks again
-        if info.is_main:
-            output_folder(args.out, "--out")
-            held.enter_context(FolderLock(args.out, LOCK_NAME, f"microdiff {COMMAND}"))
-            check_report_folder(Path(args.out), settings)
         if train_file is None:
             dataset = build_train_dataset(args.train, resolution, args.train_seed or 0)
         n_train = len(dataset) if dataset is not None else len(train_file.feats)
         if n_train < args.k:
             raise ValueError(f"--k {args.k}: the training set holds {n_train} image(s); pass --k {n_train} or less")
+        if info.is_main:
+            output_folder(args.out, "--out")
+            held.enter_context(FolderLock(args.out, LOCK_NAME, f"microdiff {COMMAND}"))
+            check_report_folder(Path(args.out), settings)
         generated = GeneratedImages(gen_paths, resolution)
         gen_feats, gen_kept, gen_skipped = featurise_shard(generated, features, args.batch_size, info, args.skip_bad,
                                                            args.workers, progress, "generated")
