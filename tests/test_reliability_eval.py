@@ -389,3 +389,5 @@ def test_degenerate_inputs_and_non_finite_features_are_one_line_naming_the_input
         sys.path.remove(str(here))
     with pytest.raises(ValueError):  # --debug: the traceback, not the line
         main(["eval", "fid", *FID[2:], "--gen", "a", "--ref", "nan.npz", "--debug"])
+    with pytest.raises(ValueError):
+        main(["eval", "memorization", *MEM[2:], "--gen", "a", "--train", "nan.npz", "--out", "m", "--debug"])

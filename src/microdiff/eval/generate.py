@@ -62,6 +62,7 @@ from typing import Any
 
 from ..utils.argtypes import finite_float, non_negative_float, positive_int
 from ..utils.devices import backbone_dtype
+from ..utils.errors import debug_enabled
 from ..utils.files import WRITTEN_BY, output_folder, stamp, write_png_atomic, write_text_atomic
 from ..utils.locks import FolderLock
 from .errors import USER_ERRORS, first_line
@@ -403,6 +404,8 @@ def run(args: argparse.Namespace) -> int:
     """``microdiff eval generate``: bad input ends with a one-line error and exit status 2."""
     from .errors import report_error
 
+    if getattr(args, "debug", False) or debug_enabled():
+        return _run(args)
     try:
         return _run(args)
     except USER_ERRORS as err:

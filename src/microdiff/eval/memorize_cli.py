@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from ..data.sources import DataSpec, build_dataset, skip_totals
+from ..utils.errors import debug_enabled
 from .errors import USER_ERRORS, first_line as _first_line, report_error
 from ..utils.argtypes import non_negative_int, positive_int
 from ..utils.files import WRITTEN_BY, output_file, output_folder, stamp, write_text_atomic, written_by
@@ -429,15 +430,24 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = setup_distributed(args.device, "auto", field="--device")
     except ERRORS as err:
+        if _debug(args):
+            raise
         return report_error("eval memorization", _first_line(err))
     try:
         return _run(args, info)
     except ERRORS as err:
+        if _debug(args):
+            raise
         if info.is_main:
             report_error("eval memorization", _first_line(err))
         return 2
     finally:
         teardown(info)
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    """--debug / MICRODIFF_DEBUG=1: the traceback instead of the one line."""
+    return bool(getattr(args, "debug", False)) or debug_enabled()
 
 
 def _agree(info: Any, mine: dict[str, Any]) -> list[dict[str, Any]]:
@@ -501,6 +511,8 @@ def _search_and_report(args: argparse.Namespace, info: Any, held: contextlib.Exi
                      bank_index=list(map(int, bank_index)) if dataset is not None else None,
                      train_skipped=train_skipped, dim=gen_feats.shape[1] if len(gen_feats) else None)
     except ERRORS as err:
+        if _debug(args) and not info.distributed:
+            raise
         local["error"] = _first_line(err)
     everyone = _agree(info, local)
 
@@ -545,6 +557,8 @@ def _search_and_report(args: argparse.Namespace, info: Any, held: contextlib.Exi
                                           train_file, settings)
             print(summary(report, paths))
         except ERRORS as err:
+            if _debug(args) and not info.distributed:
+                raise
             status["error"] = _first_line(err)
     _agree(info, status)
     return 0
