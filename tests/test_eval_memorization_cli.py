@@ -144,6 +144,8 @@ def test_saved_training_features_give_identical_results_and_refuse_another_space
     assert _run("--gen", "gen", "--train", "train.npz", "--k", 3, out="b") == 0
     a, b = _json("a/memorization.json"), _json("b/memorization.json")
     assert a.pop("train_source") == "train" and b.pop("train_source") == "train.npz"
+    sa, sb = a.pop("settings"), b.pop("settings")  # the same but for the training source
+    assert sa.pop("train").endswith("train") and sb.pop("train").endswith("train.npz") and sa == sb
     assert a == b
     strip = lambda rows: [(r["gen"], r["rank"], r["train"], r["similarity"], r["gen_file"]) for r in rows]  # noqa: E731
     assert strip(_csv("a/top_k.csv")) == strip(_csv("b/top_k.csv"))
@@ -199,16 +201,16 @@ def test_one_line_errors(folders, capsys):
     (bad / "zz.png").write_bytes(b"garbage")
     assert _run("--gen", "badgen", "--train", "train") == 2
     message = _error(capsys)
-    assert "zz.png: unreadable generated image" in message and "--skip-bad" in message
+    assert "zz.png: unreadable image" in message and "--skip-bad" in message  # as every eval command says it
     assert _run("--gen", "badgen", "--train", "train", "--skip-bad", out="skipped") == 0
     report = _json("skipped/memorization.json")
     assert report["n_generated"] == len(COPIES) + N_NEW and report["gen_skipped"][0][0].endswith("zz.png")
-    assert "1 unreadable generated image(s) left out" in capsys.readouterr().out
+    assert "generated: 1 unreadable image(s) left out" in capsys.readouterr().out
 
     (folders / "train" / "010.png").write_bytes(b"")
     assert _run("--gen", "gen", "--train", "train") == 2
     message = _error(capsys)
-    assert "010.png: unreadable training image" in message and "--skip-bad" in message
+    assert "010.png: unreadable image" in message and "--skip-bad" in message
 
     for args, expected in [(("--k", 40), "--k 40: the training set holds"),
                            (("--thresholds", "0.9,high"), "--thresholds"),

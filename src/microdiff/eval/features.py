@@ -142,6 +142,9 @@ class PixelFeatures(Features):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         from .frechet import pixel_features
 
+        if min(images.shape[-2:]) < self.size:
+            raise ValueError(f"pixels:{self.size}: the images are {images.shape[-2]} x {images.shape[-1]}, smaller than "
+                             f"{self.size}; pass --resolution {self.size} or more, or a smaller pixels:SIZE")
         return pixel_features(images, self.size)
 
 
@@ -308,6 +311,17 @@ def load_features(spec: str, device: str | torch.device = "cpu", **options: Any)
     if _MODULE_SPEC.fullmatch(spec):
         return _load_module(spec, device, **options)
     raise ValueError(f"unknown feature spec {spec!r}; use one of {', '.join(CHOICES)}")
+
+
+def quiet_hub_progress() -> None:
+    """Turn off the progress bars transformers and huggingface_hub print while loading a model (the eval
+    commands' --quiet); for the rest of the process."""
+    for module, name in (("transformers.utils.logging", "disable_progress_bar"),
+                         ("huggingface_hub.utils", "disable_progress_bars")):
+        try:
+            getattr(importlib.import_module(module), name)()
+        except (ImportError, AttributeError):
+            pass
 
 
 def load_clip(spec: str = "clip", device: str | torch.device = "cpu") -> ClipFeatures:
@@ -517,6 +531,35 @@ def extract(features: Callable, images: Any, batch_size: int = 64, progress: boo
     return torch.cat(chunks).numpy()
 
 
+def check_finite(feats: Any, labels: list, space: str, kind: str = "image") -> None:
+    """Features must be finite: NaN or inf (damaged weights, a broken custom network) would make every
+    metric NaN or silently wrong. One line naming the model when every row is bad, else the first input."""
+    values = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
+    if not len(values):
+        return
+    bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not bad.any():
+        return
+    first = labels[int(np.flatnonzero(bad)[0])]
+    if bad.all():
+        raise ValueError(f"{space}: gives NaN or infinite {kind} features for every input ({len(values)} of "
+                         f"{len(values)}, first {first}); its weights are damaged or it does not fit these inputs: "
+                         "fetch or save the model again, or pass other --features")
+    raise ValueError(f"{first}: {space} gives NaN or infinite {kind} features for it ({int(bad.sum())} of "
+                     f"{len(values)} inputs); check it, or pass other --features")
+
+
+def spec_of(name: str) -> str:
+    """The ``--features`` spec that gives the feature space recorded as ``name`` (pixels-8 -> pixels:8,
+    shapes-32 -> shapes:32, inception-fid -> inception, module:pkg.mod:fn -> pkg.mod:fn)."""
+    if name == "inception-fid":
+        return "inception"
+    match = re.fullmatch(r"(shapes|pixels)-(\d+)", name)
+    if match:
+        return f"{match[1]}:{match[2]}"
+    return name[len("module:"):] if name.startswith("module:") else name
+
+
 __all__ = ["Features", "InceptionFeatures", "Dinov2Features", "ClipFeatures", "ClipTextFeatures", "ShapesFeatures",
            "PixelFeatures", "CallableFeatures", "load_features", "load_clip", "extract", "DEFAULT_DINOV2",
-           "DEFAULT_CLIP"]
+           "DEFAULT_CLIP", "check_finite", "spec_of", "quiet_hub_progress"]

@@ -16,28 +16,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..utils.argtypes import positive_int
+from ..utils.files import output_file, stamp, write_text_atomic
+from .features import check_finite, extract, quiet_hub_progress
+from .images import image_batches, image_paths, none_readable, skipped_line
+
 METRICS = ("fd", "kid", "pr", "vendi")
+COMMAND = "eval fid"
+DEFAULT_K = 3
+MIN_IMAGES = 2  # a covariance (and KID's unbiased estimate) needs at least two images
 
 
 def folder_features(folder: str | Path, features, resolution: int | None, batch_size: int, skip_bad: bool,
-                    progress: bool) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Features (N, D) float64 of every image under ``folder`` and the (path, reason) of skipped files."""
-    from .features import extract
-    from .images import image_paths, iterate_images
-
+                    progress: bool, field: str = "--gen") -> tuple[np.ndarray, list[tuple[str, str]], list[Path]]:
+    """Features (N, D) float64 of the readable images under ``folder`` (given as ``field``), the (path,
+    reason) of the files --skip-bad left out, and the paths of the rows. Fewer than MIN_IMAGES readable
+    images, or NaN/inf features, are one line naming the folder or file."""
     paths = image_paths(folder)
     skipped: list[tuple[str, str]] = []
-    batches = iterate_images(paths, resolution, batch_size, "skip" if skip_bad else "raise", skipped)
-    feats = extract(features, batches, batch_size, progress, total=len(paths))
+    kept: list[Path] = []
+
+    def batches():
+        for indices, batch in image_batches(paths, resolution, batch_size, "skip" if skip_bad else "raise", skipped):
+            kept.extend(paths[i] for i in indices)
+            yield batch
+
+    feats = extract(features, batches(), batch_size, progress, total=len(paths))
     if not len(feats):
-        raise ValueError(f"{folder}: none of its {len(paths)} images could be read (first: {skipped[0][0]}: "
-                         f"{skipped[0][1]})")
-    return feats, skipped
+        raise none_readable(f"{field} {folder}", len(paths), skipped)
+    if len(feats) < MIN_IMAGES:
+        left = f" ({len(skipped)} unreadable left out)" if skipped else ""
+        raise ValueError(f"{field} {folder}: {len(feats)} readable image{'s' if len(feats) != 1 else ''}{left}; "
+                         f"Fréchet statistics need at least {MIN_IMAGES} (thousands for a meaningful score); add images")
+    check_finite(feats, [str(p) for p in kept], features.name)
+    return feats, skipped, kept
 
 
 def input_resolution(features, override: int | None) -> int | None:
@@ -45,7 +63,7 @@ def input_resolution(features, override: int | None) -> int | None:
     return override if override else getattr(features, "input_size", None)
 
 
-def score(gen_feats: np.ndarray, reference, metrics: tuple[str, ...], k: int = 3) -> dict[str, Any]:
+def score(gen_feats: np.ndarray, reference, metrics: tuple[str, ...], k: int = DEFAULT_K) -> dict[str, Any]:
     from .frechet import frechet_distance, feature_statistics
     from .metrics import kernel_inception_distance, precision_recall, vendi_score
 
@@ -67,21 +85,28 @@ def score(gen_feats: np.ndarray, reference, metrics: tuple[str, ...], k: int = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen", help="folder of generated images (omit to only write --save-ref-stats)")
-    parser.add_argument("--ref", required=True, help="reference image folder, or a .npz with mu and sigma")
+    parser.add_argument("--ref", required=True, help="reference image folder, or a .npz with mu and sigma "
+                        "(ours, pytorch-fid's or clean-fid's)")
     parser.add_argument("--features", default="inception",
                         help="inception[:WEIGHTS] | dinov2[:ID_OR_DIR] | clip[:ID_OR_DIR] | shapes[:RES] | "
                              "pixels[:SIZE] | package.module:callable (default inception)")
-    parser.add_argument("--metrics", default="fd", help=f"comma list of {', '.join(METRICS)} (default fd)")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--metrics", default=None, help=f"comma list of {', '.join(METRICS)} (default fd); needs "
+                        "--gen")
+    parser.add_argument("--resolution", type=positive_int, default=None,
                         help="resize every image to this size (default: the feature network's input size)")
-    parser.add_argument("--save-ref-stats", default=None, help="write the reference statistics to this .npz")
+    parser.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
+                        help="write the reference statistics to this .npz (a file this command wrote is replaced, "
+                             "any other is refused)")
     parser.add_argument("--keep-features", action="store_true",
                         help="store the raw reference features in --save-ref-stats (for kid / pr later)")
-    parser.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default 3)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--k", type=positive_int, default=None,
+                        help=f"neighbours for precision/recall (default {DEFAULT_K}); needs --metrics with pr")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in --out)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the summary "
+                        "and in --out)")
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON here (a file "
+                        "this command wrote is replaced, any other is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -89,7 +114,53 @@ def run(args: argparse.Namespace) -> int:
     """``microdiff eval fid``: bad input ends with a one-line error and exit status 2."""
     from .errors import run_reporting
 
-    return run_reporting("eval fid", _run, args)
+    return run_reporting(COMMAND, _run, args)
+
+
+def _ours_json(path: Path) -> bool:
+    """A JSON report this command wrote (its stamp), whatever the file is called."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("written_by") == stamp(COMMAND)["written_by"]
+
+
+def check_options(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
+    """The metrics and k, or one line for an option that would be ignored or a file that must not be
+    overwritten (checked before any image is read)."""
+    metrics = tuple(m.strip() for m in (args.metrics or "fd").split(",") if m.strip())
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"--metrics {','.join(unknown) or repr(args.metrics)}: unknown; choose from {', '.join(METRICS)}")
+    if args.gen is None and args.save_ref_stats is None:
+        raise ValueError("give --gen (images to score) or --save-ref-stats (statistics only)")
+    if args.gen is None and args.metrics is not None:
+        raise ValueError("--metrics: scores need --gen images; leave --metrics out to only write --save-ref-stats")
+    if args.keep_features and args.save_ref_stats is None:
+        raise ValueError("--keep-features: applies to --save-ref-stats only (the reference features kept in the "
+                         "file); pass --save-ref-stats FILE.npz, or leave --keep-features out")
+    if args.k is not None and "pr" not in metrics:
+        raise ValueError(f"--k {args.k}: applies to precision/recall only; add pr to --metrics, or leave --k out")
+    if args.save_ref_stats is not None:
+        if Path(args.save_ref_stats).suffix != ".npz":
+            raise ValueError(f"--save-ref-stats {args.save_ref_stats}: name it FILE.npz (the pytorch-fid / clean-fid "
+                             "layout)")
+        output_file(args.save_ref_stats, "--save-ref-stats", COMMAND)
+    if args.out is not None:
+        if args.save_ref_stats is not None and Path(args.out).resolve() == Path(args.save_ref_stats).resolve():
+            raise ValueError(f"--out {args.out}: the same file as --save-ref-stats; pass another --out FILE.json")
+        output_file(args.out, "--out", COMMAND, ours=_ours_json)
+    return metrics, args.k or DEFAULT_K
+
+
+def _check_result(result: dict[str, Any], metrics: tuple[str, ...], args: argparse.Namespace) -> None:
+    """A metric that came out NaN or infinite is refused (never printed as a score)."""
+    for key in ("fd", "kid", "kid_std", "precision", "recall", "vendi"):
+        value = result.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(f"--gen {args.gen}: {key} came out {value} against --ref {args.ref} ({result['features']} "
+                             "features); the features or statistics are degenerate, check both inputs")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -97,40 +168,60 @@ def _run(args: argparse.Namespace) -> int:
     from .features import load_features
     from .stats import Statistics, check_compatible, load_statistics, save_statistics
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"--metrics {','.join(unknown)} unknown; choose from {', '.join(METRICS)}")
-    if args.gen is None and args.save_ref_stats is None:
-        raise ValueError("give --gen (images to score) or --save-ref-stats (statistics only)")
+    metrics, k = check_options(args)
+    if args.quiet:
+        quiet_hub_progress()
     features = load_features(args.features, device=resolve_device(args.device))
     resolution = input_resolution(features, args.resolution)
     progress = not args.quiet
-    result: dict[str, Any] = {"features": features.name, "resolution": resolution, "notes": []}
+    result: dict[str, Any] = {**stamp(COMMAND), "features": features.name, "resolution": resolution, "notes": []}
     ref_path = Path(args.ref)
+    if ref_path.is_file() and ref_path.suffix != ".npz":
+        raise ValueError(f"--ref {ref_path}: a file but not a .npz statistics file; pass a reference image folder or "
+                         "the FILE.npz that --save-ref-stats wrote")
     if ref_path.suffix == ".npz":
         reference = load_statistics(ref_path)
         result["ref_skipped"] = []
     else:
-        feats, skipped = folder_features(ref_path, features, resolution, args.batch_size, args.skip_bad, progress)
+        feats, skipped, _ = folder_features(ref_path, features, resolution, args.batch_size, args.skip_bad, progress,
+                                            "--ref")
         reference = Statistics.of(feats, features.name, resolution, keep_features=True)
         result["ref_skipped"] = skipped
     result["ref_count"] = reference.count
-    if args.save_ref_stats:
-        kept = reference.feats if args.keep_features else None
-        save_statistics(args.save_ref_stats, Statistics(reference.mu, reference.sigma, reference.features,
-                                                        reference.count, reference.resolution, kept))
-        result["ref_stats"] = str(args.save_ref_stats)
     if args.gen is not None:
-        gen_feats, skipped = folder_features(args.gen, features, resolution, args.batch_size, args.skip_bad, progress)
+        gen_feats, skipped, kept = folder_features(args.gen, features, resolution, args.batch_size, args.skip_bad,
+                                                   progress, "--gen")
         generated = Statistics.of(gen_feats, features.name, resolution)
         result["notes"] += check_compatible(reference, generated, str(ref_path))
-        result.update(gen_count=len(gen_feats), gen_skipped=skipped, **score(gen_feats, reference, metrics, args.k))
+        _check_sizes(metrics, k, gen_feats, reference, kept, args)
+        result.update(gen_count=len(gen_feats), gen_skipped=skipped, **score(gen_feats, reference, metrics, k))
+        if "pr" in metrics:
+            result["k"] = k
+        _check_result(result, metrics, args)
+    if args.save_ref_stats:
+        kept_feats = reference.feats if args.keep_features else None
+        save_statistics(args.save_ref_stats, Statistics(reference.mu, reference.sigma, reference.features,
+                                                        reference.count, reference.resolution, kept_feats))
+        result["ref_stats"] = str(args.save_ref_stats)
     print(summary_lines(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=float))
+        write_text_atomic(args.out, json.dumps(result, indent=1, default=float))
     return 0
+
+
+def _check_sizes(metrics, k, gen_feats, reference, kept, args) -> None:
+    """Options that cannot work on these sets, named before a metric fails with a message about arrays."""
+    if "pr" in metrics:
+        for field, folder, count in (("--gen", args.gen, len(gen_feats)), ("--ref", args.ref, len(reference.feats))):
+            if count <= k:
+                raise ValueError(f"--k {k}: precision/recall needs more than k images on each side, and {field} "
+                                 f"{folder} has {count}; pass a smaller --k or more images")
+    if "vendi" in metrics:
+        zero = np.flatnonzero(np.abs(gen_feats).max(axis=1) == 0)
+        if len(zero):
+            raise ValueError(f"{kept[int(zero[0])]}: all-zero {reference.features or 'image'} features; Vendi's cosine "
+                             "kernel needs non-zero features (an all-black image is zero under pixels features): "
+                             "pass other --features or drop vendi from --metrics")
 
 
 def summary_lines(result: dict[str, Any]) -> str:
@@ -141,13 +232,12 @@ def summary_lines(result: dict[str, Any]) -> str:
     if "kid" in result:
         lines.append(f"KID: {result['kid']:.6f} +- {result['kid_std']:.6f}")
     if "precision" in result:
-        lines.append(f"precision {result['precision']:.4f}, recall {result['recall']:.4f}")
+        lines.append(f"precision {result['precision']:.4f}, recall {result['recall']:.4f} (k={result.get('k')})")
     if "vendi" in result:
         lines.append(f"Vendi: {result['vendi']:.3f}")
     for key in ("gen_skipped", "ref_skipped"):
         if result.get(key):
-            lines.append(f"{key.split('_')[0]}: {len(result[key])} unreadable image(s) left out, first "
-                         f"{result[key][0][0]} ({result[key][0][1]})")
+            lines.append(skipped_line(result[key], f"{key.split('_')[0]}: "))
     if result.get("ref_stats"):
         lines.append(f"reference statistics written to {result['ref_stats']}")
     lines += [f"note: {n}" for n in result["notes"]]

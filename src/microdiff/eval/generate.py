@@ -14,17 +14,21 @@ Prompts files:
   .json / .jsonl a list of {"id": ..., "prompt": ...} objects (caption / text accepted; id optional: its
                  position, 1-based) or of plain strings; .jsonl holds one per line
 
-Output folder:
+Output folder (``--out``: new, empty, or an earlier ``--out`` of eval generate; a folder holding other
+files is refused, and nothing in it is changed):
   images/{id}_s{seed}.png   one per prompt and seed (ids made file-safe), the settings in PNG text chunks
   index.csv                 id, seed, prompt, file (file name inside images/)
   generate.json             the settings the images were made with: a rerun with other settings refuses
+  .lock                     held while a run writes (a second run into the folder is refused)
 
 Resumable: an image that exists is kept (and counted) when it was made from the same prompt text
-and noise seed with the same settings, as its PNG text chunks say; one whose prompt changed in the
-prompts file (or whose row moved, which changes its noise) is ours and stale, so it is made again
-(and counted). Settings are compared by content: guidance, steps, sampler, eta, size, dtype and
-the checkpoint's content hash (moving the pipeline folder is fine; retraining into it is another
-checkpoint, refused). A file in images/ that this command did not write is refused, never
+and noise seed with the same settings, as its PNG text chunks say. One of ours whose prompt changed
+in the prompts file (or whose row moved, which changes its noise) is stale: it is made again, and the
+summary says how many and which (``N of them again, replacing images of an earlier run ...: 3_s0.png``).
+Settings are compared by content: guidance, steps, sampler, eta, size, dtype and the checkpoint's
+content hash (moving the pipeline folder is fine; retraining into it is another checkpoint, refused).
+Only files this command wrote (its ``microdiff:written_by`` text chunk) are ever replaced: a file in
+images/ that it did not write (a user's, or one of ``microdiff sample``) is refused, never
 overwritten. Each PNG is written to a hidden temporary file and renamed, so a killed run never
 leaves a half-written image.
 
@@ -56,9 +60,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils.checks import finite, whole
+from ..utils.argtypes import finite_float, non_negative_float, positive_int
 from ..utils.devices import backbone_dtype
-from ..utils.files import output_folder, write_png_atomic, write_text_atomic
+from ..utils.errors import debug_enabled
+from ..utils.files import WRITTEN_BY, output_folder, stamp, write_png_atomic, write_text_atomic
+from ..utils.locks import FolderLock
+from .errors import USER_ERRORS, first_line
+from .images import IMAGE_SUFFIXES
 
 DEFAULT_GUIDANCE = 1.5  # micro_diffusion's classifier-free guidance for its COCO FID numbers
 SEED_STRIDE = 1_000_000_000  # seed s of row i uses the pipeline seed s * SEED_STRIDE + i
@@ -70,6 +78,9 @@ INDEX_NAME = "index.csv"
 SETTINGS_NAME = "generate.json"
 CHECKED = ("checkpoint_hash", "guidance", "steps", "sampler", "eta", "height", "width", "dtype", "seed_stride")
 PNG_KEYS = ("id", "prompt", "seed", "noise_seed", "sampler", "steps", "guidance", "checkpoint", "settings")
+COMMAND = "eval generate"
+LOCK_NAME = ".lock"
+SHOWN = 5  # file names listed in the summary (images made again), then a count
 
 
 # ----------------------------------------------------------------------------- prompts files
@@ -88,7 +99,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     """The prompts of a .csv/.tsv, .txt or .json/.jsonl file (see the module docstring), in file order."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompts file; pass a .csv/.tsv with a caption column, a .txt "
+        raise FileNotFoundError(f"{path}: {'a folder, not a' if path.is_dir() else 'no such'} prompts file; pass a .csv/.tsv with a caption column, a .txt "
                                 "with one prompt per line, or a .json/.jsonl list of {id, prompt}")
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".txt", ".json", ".jsonl"):
@@ -221,19 +232,82 @@ def settings_hash(settings: dict[str, Any]) -> str:
 def image_state(path: Path, item: PromptItem, noise_seed: int, digest: str) -> str:
     """What an existing image is: "same" (made from this prompt and noise seed with these settings),
     "stale" (ours, but made from another prompt text, noise seed or settings: make it again) or
-    "foreign" (no text chunks of ours, or unreadable: never overwritten)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            info = dict(img.info)
-    except (OSError, UnidentifiedImageError):
-        return "foreign"
-    if "microdiff:prompt" not in info:
+    "foreign" (not written by eval generate, e.g. by microdiff sample or a user, or unreadable: never
+    overwritten)."""
+    info = _png_text(path)
+    if info is None or not _ours(info):
         return "foreign"
     same = (info.get("microdiff:prompt") == item.prompt and info.get("microdiff:noise_seed") == str(noise_seed)
             and info.get("microdiff:settings", digest) == digest)  # images from before the hash: generate.json
     return "same" if same else "stale"
+
+
+def _png_text(path: Path) -> dict[str, str] | None:
+    """The text chunks of a PNG, or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return {k: v for k, v in img.info.items() if isinstance(v, str)}
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not one of ours
+        return None
+
+
+def _ours(info: dict[str, str]) -> bool:
+    """PNG text chunks of an image this command wrote: its stamp, or (images from before the stamp) the
+    keys only eval generate writes (microdiff sample writes neither)."""
+    stamped = info.get(f"microdiff:{WRITTEN_BY}")
+    if stamped is not None:
+        return stamped == stamp(COMMAND)[WRITTEN_BY]
+    return all(f"microdiff:{key}" in info for key in ("id", "prompt", "noise_seed"))
+
+
+def _settings_ours(data: Any) -> bool:
+    """generate.json of this command: its stamp, or (folders from before the stamp) the checked keys."""
+    if not isinstance(data, dict):
+        return False
+    if WRITTEN_BY in data:
+        return data[WRITTEN_BY] == stamp(COMMAND)[WRITTEN_BY]
+    return "seed_stride" in data and "checkpoint" in data
+
+
+def check_folder(out: Path) -> None:
+    """``--out`` must be new, empty, or this command's earlier output (its generate.json); a folder holding
+    anything else, or an images/ file this command did not write, is refused in one line (nothing is
+    changed). Other settings are check_settings' business."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder; pass a folder for images/, index.csv and generate.json")
+    if not out.is_dir():
+        return
+    entries = sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME)
+    settings = out / SETTINGS_NAME
+    if not settings.is_file():
+        images = out / IMAGES_DIR
+        leftover = []
+        for name in entries:
+            inside = sorted(images.iterdir()) if name == IMAGES_DIR and images.is_dir() else None
+            leftover += [f"{IMAGES_DIR}/{e.name}" for e in inside] if inside is not None else [name]
+        if leftover:
+            shown = ", ".join(leftover[:3]) + (f" and {len(leftover) - 3} more" if len(leftover) > 3 else "")
+            raise ValueError(f"--out {out}: holds files that microdiff {COMMAND} did not write ({shown}; no "
+                             f"{SETTINGS_NAME}); pass another --out, a new or empty folder (nothing was changed)")
+        return
+    try:
+        data = json.loads(settings.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{settings}: unreadable ({first_line(err)}); delete it if the images in {out} are "
+                         "yours") from None
+    if not _settings_ours(data):
+        raise ValueError(f"--out {out}: {SETTINGS_NAME} was not written by microdiff {COMMAND}; pass another --out, "
+                         "a new or empty folder (nothing was changed)")
+    folder = out / IMAGES_DIR
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue  # not read as an image by eval fid / clip-score (a killed run's .tmp is removed at the end)
+        info = _png_text(path) if path.is_file() else None
+        if info is None or not _ours(info):
+            raise ValueError(f"{path}: not an image that microdiff {COMMAND} wrote; move it away or use another "
+                             "--out (nothing was changed)")
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -243,8 +317,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable ({err}); delete it if the images in {out} are yours") from None
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({first_line(err)}); delete it if the images in {out} are yours") from None
     if not isinstance(old, dict):
         raise ValueError(f"{path}: not a settings object; delete it if the images in {out} are yours")
     # the checkpoint by content; folders from before the content hash compare its path
@@ -269,7 +343,7 @@ def _existing_images(out: Path, items: list[PromptItem], plan: list[tuple[int, i
             if path.is_file():
                 state = image_state(path, items[i], seed * SEED_STRIDE + i, digest)
                 if state == "foreign":
-                    raise ValueError(f"{path}: not an image that microdiff eval generate wrote (no settings in its "
+                    raise ValueError(f"{path}: not an image that microdiff {COMMAND} wrote (no stamp of it in its "
                                      "text chunks, or unreadable); move it away or use another --out")
                 states[(seed, i)] = state
     return states
@@ -301,23 +375,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ".json/.jsonl list of {id, prompt}")
     parser.add_argument("--checkpoint", required=True, help="pipeline folder (Pipeline.save_pretrained, microdiff "
                         "convert) or hub id")
-    parser.add_argument("--out", required=True, help="output folder: images/{id}_s{seed}.png, index.csv, generate.json. "
-                        "A rerun keeps the images made from the same prompt text, seed and settings, makes again "
-                        "those whose prompt changed in the file, and refuses other settings (or checkpoint "
-                        "content) and files it did not write")
+    parser.add_argument("--out", required=True, help="output folder (new, empty, or an earlier --out of eval "
+                        "generate): images/{id}_s{seed}.png, index.csv, generate.json. A rerun keeps the images made "
+                        "from the same prompt text, seed and settings, makes again (and lists) its own images whose "
+                        "prompt text or row changed in the file, and refuses other settings (or checkpoint content) "
+                        "and any file it did not write")
     parser.add_argument("--seeds", default="0", help="comma list of seeds, one image per prompt and seed (default 0)")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    parser.add_argument("--guidance", type=finite_float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}: the setting "
                              "micro_diffusion reports COCO FID at; FID prefers low guidance, looks and CLIP score "
                              "prefer higher, e.g. 5)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the pipeline's)")
     parser.add_argument("--sampler", default=None, help="euler, euler_ancestral, heun, ddim, dpmpp_2m, ... "
                         "(default: the pipeline's)")
-    parser.add_argument("--eta", type=float, default=None, help="noise of the samplers that have it (ddim: 1 = "
+    parser.add_argument("--eta", type=non_negative_float, default=None, help="noise of the samplers that have it (ddim: 1 = "
                         "ancestral; euler_ancestral, dpmpp_3m_sde); refused for the others")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+    parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward (default 32)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of the file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), "
                         "cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="backbone weights dtype: auto (bfloat16 on cuda, float32 "
@@ -327,8 +402,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``microdiff eval generate``: bad input ends with a one-line error and exit status 2."""
-    from .errors import USER_ERRORS, first_line, report_error
+    from .errors import report_error
 
+    if getattr(args, "debug", False) or debug_enabled():
+        return _run(args)
     try:
         return _run(args)
     except USER_ERRORS as err:
@@ -346,18 +423,11 @@ def _run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     seeds = parse_seeds(args.seeds)
-    whole(args.batch_size, "--batch-size")
-    for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--size", args.size)):
-        if value is not None:
-            whole(value, flag)
-    finite(args.guidance, "--guidance")
-    if args.eta is not None:
-        finite(args.eta, "--eta", minimum=0.0)
     items = read_prompts(args.prompts)[: args.limit]
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a folder; pass a folder for images/, index.csv and generate.json")
+    check_folder(out)  # before the pipeline loads: a foreign folder costs nothing
     info = setup_distributed(args.device, field="--device")
+    lock = None
     try:
         dtype = backbone_dtype(args.dtype, info.device, "--dtype")
         pipe = Pipeline.from_pretrained(args.checkpoint, device=info.device, dtype=dtype)
@@ -372,16 +442,26 @@ def _run(args: argparse.Namespace) -> int:
         check_settings(out, settings)  # every rank, before any rank writes
         plan = plan_batches(len(items), seeds, args.batch_size)
         states = _existing_images(out, items, plan, settings["settings"])  # every rank: the same decision
-        output_folder(out, "--out")
+        error = None
+        if info.is_main:  # one writer per folder: rank 0 holds the lock for the whole job
+            try:
+                output_folder(out, "--out")
+                lock = FolderLock(out, LOCK_NAME, f"microdiff {COMMAND} run").acquire()
+                check_folder(out)  # again, now that nobody else can be writing
+            except USER_ERRORS as err:
+                error = first_line(err)
+        errors = [e for e in gather_objects(error, info) if e]
+        if errors:
+            raise ValueError(errors[0])
         (out / IMAGES_DIR).mkdir(exist_ok=True)
         barrier(info)
         if info.is_main:
-            write_text_atomic(out / SETTINGS_NAME, json.dumps(settings, indent=1))
+            write_text_atomic(out / SETTINGS_NAME, json.dumps({**stamp(COMMAND), **settings}, indent=1))
 
         mine = plan[info.rank::info.world_size]
         todo = [(s, [i for i in range(a, b) if states.get((s, i)) != "same"]) for s, a, b in mine]
         skipped = sum(b - a for _, a, b in mine) - sum(len(rows) for _, rows in todo)
-        redone = sum(1 for s, a, b in mine for i in range(a, b) if states.get((s, i)) == "stale")
+        redone = [items[i].file(s) for s, a, b in mine for i in range(a, b) if states.get((s, i)) == "stale"]
         generated = 0
         desc = "generate" + (f" (rank 0 of {info.world_size})" if info.distributed else "")
         with tqdm(total=sum(len(rows) for _, rows in todo), unit="img", desc=desc, dynamic_ncols=True,
@@ -394,7 +474,7 @@ def _run(args: argparse.Namespace) -> int:
                                            width=settings["width"], batch_size=len(run_rows))
                     for i, image in zip(run_rows, Pipeline.to_pil(images)):
                         item = items[i]
-                        meta = {"id": item.id, "prompt": item.prompt, "seed": seed,
+                        meta = {**stamp(COMMAND), "id": item.id, "prompt": item.prompt, "seed": seed,
                                 "noise_seed": seed * SEED_STRIDE + i,
                                 **{k: settings[k] for k in ("sampler", "steps", "guidance", "checkpoint", "settings")}}
                         write_png_atomic(image, out / IMAGES_DIR / item.file(seed), meta)
@@ -406,15 +486,19 @@ def _run(args: argparse.Namespace) -> int:
             for stale in (out / IMAGES_DIR).glob(".*.tmp"):  # left by killed runs; every rank is done now
                 stale.unlink(missing_ok=True)
             written, missing = write_index(out, items, seeds)
-            total_new, total_skipped, total_redone = (sum(c[k] for c in counts) for k in range(3))
+            total_new, total_skipped = (sum(c[k] for c in counts) for k in range(2))
+            redone = sorted(name for c in counts for name in c[2])
             seconds = time.perf_counter() - started
-            again = (f" ({total_redone} of them again: their prompt text, row or settings had changed)"
-                     if total_redone else "")
+            shown = ", ".join(redone[:SHOWN]) + (f" and {len(redone) - SHOWN} more" if len(redone) > SHOWN else "")
+            again = (f" ({len(redone)} of them again, replacing images of an earlier run whose prompt text or row "
+                     f"had changed: {shown})" if redone else "")
             print(f"generated {total_new} images{again}, skipped {total_skipped} that existed, in {seconds:.1f} s "
                   f"({len(items)} prompts x {len(seeds)} seed(s), {info.world_size} process(es)); "
                   f"{out / INDEX_NAME}: {written} rows" + (f", {missing} missing" if missing else ""))
         return 0
     finally:
+        if lock is not None:
+            lock.release()
         teardown(info)
 
 

@@ -27,6 +27,7 @@ lower bank index, so the order is a pure function of the data.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -40,6 +41,7 @@ from PIL import Image
 from .metrics import whole_number
 
 from ..train.distributed import DistInfo
+from ..utils.files import write_png_atomic, write_text_atomic
 from ..utils.grids import captioned_grid
 from ..utils.plots import histogram
 
@@ -322,19 +324,22 @@ def save_report(out_dir: Any, report: dict[str, Any], sims: Any, gen_images: Any
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "memorization.json", "csv": out / "top_k.csv", "hist": out / "top1_hist.png"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["gen", "rank", "train", "similarity"])
-        for g in range(len(s)):
-            writer.writerows([g, r + 1, int(idx[g, r]), repr(float(s[g, r]))] for r in range(s.shape[1])
-                             if idx[g, r] >= 0)
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["gen", "rank", "train", "similarity"])
+    for g in range(len(s)):
+        writer.writerows([g, r + 1, int(idx[g, r]), repr(float(s[g, r]))] for r in range(s.shape[1])
+                         if idx[g, r] >= 0)
+    write_text_atomic(paths["csv"], rows.getvalue())
     counts = ", ".join(f">={t['threshold']:g}: {t['count']}" for t in report.get("thresholds", []))
     histogram(s[:, 0], paths["hist"], title=f"top-1 similarity, n={len(s)}" + (f" ({counts})" if counts else ""),
               xlabel="cosine similarity to the nearest training sample")
+    (out / "closest_pairs.png").unlink(missing_ok=True)  # an earlier run's grid must not outlive its report
     if gen_images is not None and whole_number(pairs, "pairs", 0):
         paths["pairs"] = out / "closest_pairs.png"
-        closest_pairs_grid(s, idx, gen_images, train_images, pairs, value_range, cell).save(paths["pairs"])
+        write_png_atomic(closest_pairs_grid(s, idx, gen_images, train_images, pairs, value_range, cell), paths["pairs"])
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")  # last: a report names complete files
+    paths = {"json": paths.pop("json"), **paths}
     return paths
 
 

@@ -43,8 +43,21 @@ def float_above(low: float) -> Callable[[str], float]:
     return parse
 
 
+def float_at_least(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a number >= {low:g}, got {value:g}")
+        return value
+
+    parse.__name__ = f"number >= {low:g}"
+    return parse
+
+
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 positive_float = float_above(0.0)
+non_negative_float = float_at_least(0.0)
 
-__all__ = ["int_at_least", "finite_float", "float_above", "positive_int", "non_negative_int", "positive_float"]
+__all__ = ["int_at_least", "finite_float", "float_above", "float_at_least", "positive_int", "non_negative_int",
+           "positive_float", "non_negative_float"]
