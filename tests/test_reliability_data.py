@@ -461,7 +461,7 @@ def test_precompute_never_writes_into_what_it_did_not_make(tmp_path):
     _one_line_error(_cli(*base, tmp_path / "notes.txt"), "--out", "existing file")
     _one_line_error(_cli(*base, tmp_path / "img"), "--out", "holds other files")
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == sorted(
-        [".lock", "shapes.json", *(f"{i:05d}{s}" for i in range(2) for s in (".png", ".txt", ".json"))])
+        [".lock", ".shapes.json", *(f"{i:05d}{s}" for i in range(2) for s in (".png", ".txt", ".json"))])
 
 
 # ----------------------------------------------------------------------------- defect 11: one line per mistake

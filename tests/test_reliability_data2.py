@@ -192,6 +192,8 @@ def test_a_download_that_writes_no_image_is_an_error_pointing_to_the_reports(tmp
      ["--disc-start", "--no-disc"]),
     (["train-autoencoder", "--data", "shapes:10", "--out", "{t}/ae", "--perceptual-weight", "2"],
      ["--perceptual-weight", "--perceptual-weights"]),
+    (["train-autoencoder", "--data", "shapes:10", "--out", "{t}/ae", "--init", "{t}/img", "--channels", "8"],
+     ["--channels", "--init"]),
     (["annotate", "shapes:10", "--out", "{t}/an", "--split", "corruption", "--quality-threshold", "0.3"],
      ["--quality-threshold", "--split quality"]),
     (["annotate", "{t}/img", "--out", "{t}/an", "--data-seed", "2"], ["--data-seed"]),

@@ -5,10 +5,16 @@ Image sources (folder, manifest, Hugging Face dataset, image shards such as a do
 decoded once through the training transform; the report lists every skipped item with its reason,
 those found while indexing (missing captions, bad sidecars) and those found while decoding (corrupt,
 empty, too small, ...). Latent sources (a precompute folder, ``mds:``) have no images: every sample of
-every shard is read and decoded instead, and a damaged shard is reported by name.
+every shard is read and decoded instead, and a damaged shard is reported by name. Every shard is also
+compared with the content hash its writer recorded (precompute's shard records, download's
+``NNNNN.sha256``), which finds damage inside a member that the tar format itself does not see. A
+damaged shard (training stops at it) or a source with nothing usable exits 2 after the report is
+written. Options that would do nothing for the source (``--seed`` for a folder, ``--min-size`` for
+latents, ...) are refused in one line.
 
-Writes ``OUT.json`` (summary, totals by reason, items) and ``OUT.csv`` (path, reason, detail), and
-prints one summary line with the totals.
+Writes ``OUT.json`` (stamped ``written_by``, the source, summary, totals by reason, items) and
+``OUT.csv`` (path, reason, detail), and prints one summary line with the totals; an existing OUT is
+replaced only when it is an earlier report of the same source.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataLoader worker processes decoding images (default 0: in this process)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a shapes:N source (default 0)")
     parser.add_argument("--out", default="skip_report", help="writes OUT.json and OUT.csv (default skip_report; "
-                                                             "an existing folder: OUT/skip_report.json and .csv)")
+                                                             "an existing folder: OUT/skip_report.json and .csv); "
+                                                             "replaces only an earlier report of the same source")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

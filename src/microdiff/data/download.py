@@ -15,6 +15,7 @@ Layout of ``out_dir`` (row ``r`` of the source always lands in shard ``r // shar
                      caption, row, key, status, original_width/height, width/height, bytes, sha256,
                      original_format, and every other source column; a column whose name clashes
                      with one of these is kept as "manifest_<name>")
+    00000.sha256     the tar's SHA-256 as ``sha256sum`` writes it (``sha256sum -c 00000.sha256``)
     00000.jsonl      one status row per source row (success or failure + reason), or .parquet
     download.json    the settings that make the dataset (a rerun with other ones is refused) and
                      "runs": one entry per run with its fetch settings, start and end time, counts
@@ -25,7 +26,11 @@ Resume: a shard is complete once its status file exists (it is renamed into plac
 both from ``.partial`` files); a rerun skips complete shards and redoes any other one from scratch.
 A rerun must read the same rows: the URL and caption of every row of a complete shard are checked
 against the source first, so an edited manifest is refused instead of mixed in (rows appended at the
-end are fine). ``--out`` must be new, empty or a folder of this same download.
+end are fine). ``--out`` must be new, empty or a folder of this same download. Every complete shard
+is checked against its ``.sha256`` first (one of an older version without it: read through, then
+given one); a damaged one is fetched again like an unfinished one, and the run says so. A run that
+ends with no image in the folder (every row failed) exits 2 naming ``failures.csv`` and
+``report.json``, which are written all the same.
 
 Failure reasons: "no url", "bad url", "http <code>", "timeout", "connection error", "dns error",
 "ssl error", "network error", "bad response", "too large" (over the bytes cap), "opted out"
@@ -628,7 +633,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("source", help="manifest (.jsonl/.csv/.tsv/.parquet, UTF-8), Hugging Face dataset folder, "
                                        "or hub dataset name (owner/name or hf:name)")
     parser.add_argument("--out", required=True, help="output folder for the shards and reports: new, empty, or "
-                                                     "one holding this same download (then it resumes)")
+                                                     "one holding this same download (then it resumes, and fetches "
+                                                     "a shard whose tar no longer matches its .sha256 again)")
     parser.add_argument("--url-column", help=f"URL column (default: first of {', '.join(URL_COLUMNS)})")
     parser.add_argument("--caption-column", help=f"caption column (default: first of {', '.join(CAPTION_COLUMNS)}; "
                                                  "'none' for no captions)")

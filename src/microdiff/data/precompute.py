@@ -420,7 +420,8 @@ def add_arguments(parser) -> None:
                                        "or shapes:N for the built-in set")
     parser.add_argument("--out", required=True, help="output folder for the shards and dataset.json (new, empty, "
                                                      "or an earlier precompute of this source: it resumes, and "
-                                                     "redoes shards whose inputs changed)")
+                                                     "redoes shards whose inputs changed or whose tar is damaged); "
+                                                     "a second run into a folder in use is refused")
     parser.add_argument("--autoencoder", required=True, help="autoencoder identifier, e.g. identity or "
                                                              "diffusers-kl:stabilityai/sd-vae-ft-ema")
     parser.add_argument("--text-encoder", required=True, help="text encoder identifier")

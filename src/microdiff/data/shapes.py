@@ -349,7 +349,9 @@ def collate_shapes(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- files
-SHAPES_MARKER = "shapes.json"  # the settings a shapes folder was written with (utils/folders.claim_folder)
+# the settings a shapes folder was written with (utils/folders.claim_folder); hidden, so that a glob of the
+# *.json sidecars does not meet it
+SHAPES_MARKER = ".shapes.json"
 COMMAND = "data shapes"
 
 
@@ -400,7 +402,7 @@ def write_shapes_folder(out_dir: str | Path, n: int, resolution: int = 64, seed:
     name in ``MASK_CORRUPTIONS``) go to ``00000.mask.npy`` (uint8 (H, W), 1 = observed; (C, H, W) for a
     per-element dust mask; ``"mask_file"`` in the meta), which ``ImageFolderDataset`` reads back.
 
-    The folder must be new, empty or an earlier shapes folder of the same settings (``shapes.json``
+    The folder must be new, empty or an earlier shapes folder of the same settings (``.shapes.json``
     records them; other settings, or another tool's files, are refused in one line): a rerun resumes,
     skipping the items already written (each item's ``.json`` is written last, atomically, like every
     file here), so a killed run never leaves a torn file or a mixed dataset. The folder is locked while
@@ -504,7 +506,7 @@ def check_shapes_out(out: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: new, empty, or an earlier shapes folder of the "
-                                                     "same settings (shapes.json records them): it resumes; other "
+                                                     "same settings (.shapes.json records them): it resumes; other "
                                                      "settings or another tool's files are refused")
     parser.add_argument("--n", type=_cli_count, default=1000, help="number of images, >= 1 (default: 1000); refused "
                                                                    "when the file system has no room for them")

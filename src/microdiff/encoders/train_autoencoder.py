@@ -503,12 +503,17 @@ def _decay(text: str) -> float:
 
 # options that act only with others: flag -> (dest, default, what it needs, test of args that it acts)
 DEPENDENT = {
-    "--codebook-size": ("codebook_size", 512, "--kind vqgan", lambda a: a.kind == "vqgan"),
+    "--codebook-size": ("codebook_size", 512, "--kind vqgan (a new one, not with --init)",
+                        lambda a: a.kind == "vqgan" and not a.init_from),
     "--kl-weight": ("kl_weight", 1e-6, "--kind vae", lambda a: a.kind == "vae"),
     "--perceptual-weight": ("perceptual_weight", 1.0, "--perceptual-weights FILE", lambda a: a.perceptual_weights),
     "--disc-start": ("disc_start", 250, "the PatchGAN (leave out --no-disc)", lambda a: not a.no_disc),
     "--disc-layers": ("disc_layers", 3, "the PatchGAN (leave out --no-disc)", lambda a: not a.no_disc),
     "--disc-weight": ("disc_weight", 0.5, "the PatchGAN (leave out --no-disc)", lambda a: not a.no_disc),
+    # a fine-tuned autoencoder keeps the architecture it was saved with
+    "--channels": ("channels", 32, "a new autoencoder (not with --init)", lambda a: not a.init_from),
+    "--latent-channels": ("latent_channels", 4, "a new autoencoder (not with --init)", lambda a: not a.init_from),
+    "--channel-mult": ("channel_mult", "1,2,2", "a new autoencoder (not with --init)", lambda a: not a.init_from),
 }
 
 
@@ -525,11 +530,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=positive_int, default=500, help="training steps (default: 500)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per step (default: 16)")
     parser.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
-    parser.add_argument("--latent-channels", type=positive_int, default=4,
+    parser.add_argument("--latent-channels", type=positive_int, default=None,
                         help="latent channels / code dimension (default: 4)")
-    parser.add_argument("--channels", type=positive_int, default=32,
+    parser.add_argument("--channels", type=positive_int, default=None,
                         help="base width of the conv encoder/decoder (default: 32; e.g. 128 for 256 px on a GPU)")
-    parser.add_argument("--channel-mult", default="1,2,2",
+    parser.add_argument("--channel-mult", default=None,
                         help="width multipliers per level; downsampling = 2^(levels-1) (default: 1,2,2)")
     parser.add_argument("--codebook-size", type=int_at_least(2), default=None,
                         help="with --kind vqgan: codebook size (default: 512)")
@@ -553,7 +558,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--holdout", type=positive_int, default=None,
                         help="held-out images for before/after metrics, at most 1/5 of the data (default: 64, or "
                              "1/5 of the data when that is fewer)")
-    parser.add_argument("--init", dest="init_from", help="a saved autoencoder folder to fine-tune on this data")
+    parser.add_argument("--init", dest="init_from", help="a saved autoencoder folder to fine-tune on this data (its "
+                                                         "architecture: --channels, --channel-mult, "
+                                                         "--latent-channels are refused with it)")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -566,7 +573,7 @@ def check_options(args) -> None:
     """One line for an option that would do nothing with the others given (instead of ignoring it)."""
     for flag, (dest, _, needs, acts) in DEPENDENT.items():
         if getattr(args, dest) is not None and not acts(args):
-            raise UserError(f"{flag} {getattr(args, dest):g}: acts only with {needs}; leave it out")
+            raise UserError(f"{flag} {getattr(args, dest)}: acts only with {needs}; leave it out")
 
 
 def check_holdout(holdout: int | None, n: int) -> None:
@@ -580,8 +587,8 @@ def check_holdout(holdout: int | None, n: int) -> None:
 def config_from_args(args) -> TrainAutoencoderConfig:
     value = {flag: getattr(args, dest) if getattr(args, dest) is not None else default
              for flag, (dest, default, _, _) in DEPENDENT.items()}
-    model = {"channels": args.channels, "channel_mult": _int_list(args.channel_mult),
-             "latent_channels": args.latent_channels}
+    model = {"channels": value["--channels"], "channel_mult": _int_list(value["--channel-mult"]),
+             "latent_channels": value["--latent-channels"]}
     if args.kind == "vqgan":
         model["codebook_size"] = value["--codebook-size"]
     loss = AELossConfig(kl_weight=value["--kl-weight"], perceptual_weight=value["--perceptual-weight"],

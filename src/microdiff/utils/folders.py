@@ -1,6 +1,6 @@
 """A command's own output folder: new, empty, or made by this same command before; locked while it writes.
 
-    with claim_folder(args.out, "data shapes", "shapes.json", settings) as previous:
+    with claim_folder(args.out, "data shapes", ".shapes.json", settings) as previous:
         ...   # previous: the marker an earlier run left (None for a new or empty folder)
 
 The marker is a JSON file the command writes into its folder, stamped (``utils.files.stamp``) and with the
