@@ -118,7 +118,8 @@ def check_latents(source: str, kind: str, progress: bool, resolution: int = 256)
     hashes = {Path(s["name"]).name: s["file"] for s in (info or {}).get("shards", []) if "file" in s}
     for url in tqdm(urls, desc=f"checking {source}", unit="shard", disable=not progress):
         seen = 0
-        damage = check_file(url, hashes[Path(url).name]) if Path(url).name in hashes else None
+        local = Path(url).name in hashes and Path(url).is_file()  # remote shards are checked by reading them
+        damage = check_file(url, hashes[Path(url).name]) if local else None
         if damage is not None:  # damage inside a member: the tar reads, the latents are wrong
             report.add(url, "corrupt shard", f"{damage}; recreate it (rerun precompute: it redoes damaged shards)")
             continue
