@@ -154,7 +154,8 @@ def test_a_damaged_image_shard_is_a_corrupt_shard_everywhere_and_a_rerun_fetches
     assert rc == 0, err
     assert "00000.tar: damaged since it was downloaded" in stdout and "fetched again" in stdout
     assert tar.read_bytes() == intact
-    rc, stdout, _ = _main(capsys, "data", "check", out, "--resolution", "16", "--out", tmp_path / "rep", "--no-progress")
+    rc, stdout, _ = _main(capsys, "data", "check", out, "--resolution", "16", "--out", tmp_path / "rep",
+                          "--no-progress")
     assert rc == 0 and "5 items indexed, 5 usable" in stdout
 
 

@@ -260,7 +260,8 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
     ``compare``: settings a rerun must share (JSON values; a change is refused naming it).
 
     Returns a report: shards total / written now / already done / redone because their inputs
-    changed / redone because their tar was damaged (shard -> what is wrong) / removed past the end, samples and skipped items written now, whether the folder is
+    changed / redone because their tar was damaged (shard -> what is wrong) / removed past the end,
+    samples and skipped items written now, whether the folder is
     complete, the dataset.json path (None until complete), seconds.
     """
     start_time = time.time()

@@ -529,7 +529,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.corrupt_fraction is not None and args.corruption is None:
         raise UserError(f"--corrupt-fraction {args.corrupt_fraction:g}: is the fraction of images --corruption "
-                        "corrupts, and no --corruption is given; add --corruption SPEC (e.g. noise:0.2) or leave it out")
+                        "corrupts, and no --corruption is given; add --corruption SPEC (e.g. noise:0.2) or leave "
+                        "it out")
     check_shapes_out(Path(args.out))
     grid = output_file(args.grid, "--grid", COMMAND) if args.grid else None
     fraction = 1.0 if args.corrupt_fraction is None else args.corrupt_fraction

@@ -348,7 +348,8 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
     trainer = AutoencoderTrainer(config, lr, seed, device, perceptual)
     if trainer.disc is not None and min(held.shape[-2:]) < trainer.disc.min_size():
         raise ValueError(f"images of {tuple(held.shape[-2:])} px are too small for a {config.loss.disc_layers}-"
-                         f"layer PatchGAN (needs >= {trainer.disc.min_size()} px); lower loss.disc_layers (--disc-layers) or "
+                         f"layer PatchGAN (needs >= {trainer.disc.min_size()} px); lower loss.disc_layers "
+                         "(--disc-layers) or "
                          "raise the resolution")
     # the run folder: new, empty or an earlier run of this command (a foreign folder is refused, nothing in it
     # is overwritten), locked while this run writes to it; the checkpoint's settings decide whether it resumes

@@ -88,8 +88,8 @@ def claim_folder(path: str | os.PathLike, command: str, marker: str, settings: M
         if previous is None:
             theirs = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
             if theirs and not (legacy is not None and legacy(out)):
-                raise UserError(f"{field} {out}: the folder holds other files ({len(theirs)} entries, e.g. {theirs[0]}) "
-                                f"and is not an earlier run of {who} (no {marker}); choose a new or empty folder")
+                raise UserError(f"{field} {out}: the folder holds other files ({len(theirs)} entries, e.g. "
+                                f"{theirs[0]}) and is not an earlier run of {who} (no {marker}); choose a new or empty folder")
         elif settings is not None and not replace:
             changed = changed_settings(previous.get("settings"), settings)
             if changed:
