@@ -355,8 +355,8 @@ def test_keys_and_bytes_do_not_depend_on_workers(server, tmp_path):
     for workers in (1, 3):
         download(manifest, tmp_path / f"w{workers}", workers=workers, shard_size=2, image_format="webp", **FAST)
     names = sorted(p.name for p in (tmp_path / "w1").iterdir() if p.name not in ("report.json", "download.json"))
-    assert names == [".download.lock", "00000.jsonl", "00000.tar", "00001.jsonl", "00001.tar", "00002.jsonl",
-                     "00002.tar", "failures.csv"]
+    assert names == [".download.lock", "00000.jsonl", "00000.sha256", "00000.tar", "00001.jsonl", "00001.sha256",
+                     "00001.tar", "00002.jsonl", "00002.sha256", "00002.tar", "failures.csv"]
     for name in names:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w3" / name).read_bytes(), name
     settings = [json.loads((tmp_path / w / "download.json").read_text()) for w in ("w1", "w3")]
@@ -496,7 +496,7 @@ def test_decompression_bomb_is_refused_before_decoding(server, tmp_path):
     # the flag moves the cap: at 0.001 megapixels (1000 pixels) the 64 x 48 image is refused as well
     code = main(["data", "download", str(manifest), "--out", str(tmp_path / "tight"), "--resolution", "32",
                  "--min-size", "16", "--max-megapixels", "0.001", "--no-progress"])
-    assert code == 0
+    assert code == 2  # no image at all: an error, after the reports are written
     assert [r["reason"] for r in read_status(tmp_path / "tight" / "00000.jsonl")] == ["too many pixels"] * 2
 
 
@@ -675,9 +675,11 @@ def test_a_second_download_into_a_folder_in_use_is_refused(server, tmp_path, cap
     finally:
         proc.kill()
         proc.wait()
-    # the first run died (kill -9): its lock went with it, and a rerun proceeds
+    # the first run died (kill -9): its lock went with it, and a rerun proceeds (to its end: the slow row
+    # times out, so no image is downloaded, which is an error naming the failure report)
     assert main(["data", "download", str(manifest), "--out", str(out), "--timeout", "0.5", "--retries", "0",
-                 "--no-progress"]) == 0
+                 "--no-progress"]) == 2
+    assert "no image was downloaded" in capsys.readouterr().err and (out / "failures.csv").is_file()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -461,7 +461,7 @@ def test_precompute_never_writes_into_what_it_did_not_make(tmp_path):
     _one_line_error(_cli(*base, tmp_path / "notes.txt"), "--out", "existing file")
     _one_line_error(_cli(*base, tmp_path / "img"), "--out", "holds other files")
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == sorted(
-        f"{i:05d}{s}" for i in range(2) for s in (".png", ".txt", ".json"))
+        [".lock", ".shapes.json", *(f"{i:05d}{s}" for i in range(2) for s in (".png", ".txt", ".json"))])
 
 
 # ----------------------------------------------------------------------------- defect 11: one line per mistake
@@ -506,10 +506,10 @@ CASES = [  # (arguments, what the one error line must name); {t} is the folder o
     (["data", "check", "{t}/img", "--out", "{t}/a-file/rep"], ["--out", "a-file"]),
     (["data", "check", "{t}/a-file"], ["a-file", "not a data source"]),
     (["data", "check", "shapes:0"], ["shapes:0", "N >= 1"]),
-    (["data", "check", "{t}/img", "--caption-column", "words"], ["caption_column", "manifests"]),
+    (["data", "check", "{t}/img", "--caption-column", "words"], ["--caption-column", "manifest"]),
     (["data", "inspect", "{t}/nope"], ["nope"]),
     (["data", "inspect", "shapes:x"], ["shapes:x"]),
-    (["data", "inspect", "{t}/img", "--json", "{t}/dir.json"], ["--json", "is a folder"]),
+    (["data", "inspect", "{t}/img", "--json", "{t}/dir.json"], ["--json", "a folder"]),
     (["data", "precompute", "{t}/nope", "--out", "{t}/o", *PRE], ["nope"]),
     (["data", "precompute", "{t}/img", "--out", "{t}/a-file", *PRE], ["--out", "existing file"]),
     (["data", "precompute", "{t}/img", "--out", "{t}/o", "--workers", "-2", *PRE], ["--workers"]),

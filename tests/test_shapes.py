@@ -285,7 +285,8 @@ def test_cli_writes_folder_and_grid(tmp_path, capsys):
     out, grid = tmp_path / "shapes", tmp_path / "grid.png"
     assert _cli(["--out", str(out), "--n", "3", "--resolution", "12", "--seed", "1", "--objects", "2",
                  "--corruption", "blur:1.5", "--corrupt-fraction", "0.5", "--grid", str(grid), "--no-progress"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [f"0000{i}.{e}" for i in range(3) for e in ("json", "png", "txt")]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        f"0000{i}.{e}" for i in range(3) for e in ("json", "png", "txt")]
     assert Image.open(grid).size[0] > 12 and "wrote 3 shapes images" in capsys.readouterr().out
     metas = [json.loads((out / f"0000{i}.json").read_text()) for i in range(3)]
     assert metas == [{**ShapesDataset(3, 12, 1, 2, [(0.5, "blur:1.5")])[i]["meta"],

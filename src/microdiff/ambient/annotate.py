@@ -21,7 +21,10 @@ High-quality samples get ``sigma_tn = 0``. Training then uses each sample only a
 Outputs of :func:`annotate` (and ``microdiff annotate``): ``annotations.csv`` (key,sigma_tn,sigma_max,
 read by training's ``ambient.annotations``), ``sigma_tn_hist.png``, ``probability_curves.png``,
 ``curves.csv`` (per grid sigma: held-out accuracy, mean probabilities, sigma_tn counts),
-``summary.json`` and ``classifier.pt``.
+``summary.json`` and ``classifier.pt``. The output folder must be new, empty or an earlier annotate run
+with the same settings (``summary.json``, stamped and written first of the outputs, records them):
+a rerun with other settings is refused in one line unless ``replace`` (``--overwrite``) says to redo
+it, and a folder holding other files is refused. It is locked (``.lock``) while a run writes to it.
 
 Sigmas are in the units the diffusion model trains in: pixels in [-1, 1] for ``--autoencoder
 identity``, the autoencoder's scaled latents otherwise (images are encoded once, then annotated).
@@ -48,7 +51,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ..utils.errors import UserError
+from ..utils.argtypes import finite_float, int_at_least, non_negative_int, positive_float, positive_int
+from ..utils.errors import UserError, first_line
+from ..utils.files import stamp, write_text_atomic
+from ..utils.folders import claim_folder, normalised
 from ..utils.weights import load_strict, read_torch_file
 from .dataset import parse_mixture
 
@@ -61,6 +67,8 @@ STEPS, BATCH_SIZE, LR, WIDTH = 1500, 64, 1e-3, 16  # width 16: ~4 min for 2000 i
 HELDOUT = 0.2  # fraction of each quality class kept out of training, for the accuracy curve
 CHUNK = 256  # scoring batch; the noise of each chunk has its own seed, so scores do not depend on the device
 SPLITS = ("quality", "corruption")
+COMMAND = "annotate"
+SUMMARY = "summary.json"  # stamped, with the settings: the marker of an annotate folder (utils/folders)
 THRESHOLDS = ("half", "heldout")
 
 
@@ -380,6 +388,15 @@ def heldout_split(n: int, fraction: float, seed: int, salt: int) -> tuple[np.nda
     return np.sort(order[k:]), np.sort(order[:k])
 
 
+def _check_source_options(source: str, c: AnnotateConfig) -> None:
+    """One line for a data seed that would seed nothing (a source that is not shapes:N, no corruption)."""
+    from ..data.sources import source_kind  # ambient/__init__ loads before data/
+
+    if c.data_seed and c.corruption is None and source_kind(source) != "shapes":
+        raise UserError(f"--data-seed {c.data_seed}: seeds shapes:N content and --corruption draws, and {source} is "
+                        "not shapes:N and no --corruption is given; leave it out")
+
+
 def _check_config(c: AnnotateConfig) -> None:
     if c.split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}; got {c.split!r}")
@@ -393,16 +410,31 @@ def _check_config(c: AnnotateConfig) -> None:
     sigma_grid(c.grid_min, c.grid_max, c.grid_size)
 
 
-def annotate(source: str, out: str | Path, config: AnnotateConfig | None = None) -> dict[str, Any]:
+def annotate_settings(source: str, config: AnnotateConfig) -> dict[str, Any]:
+    """What an annotation is a function of (the device and progress bars aside): a rerun into the same
+    folder must give the same, or say ``replace``."""
+    return {"source": source, **{k: v for k, v in asdict(config).items() if k not in ("device", "progress")}}
+
+
+def annotate(source: str, out: str | Path, config: AnnotateConfig | None = None, *,
+             replace: bool = False) -> dict[str, Any]:
     """Read ``source``, split it by ``config.split``, train the classifier on the training part of both
     classes, measure its balanced accuracy per grid sigma on the held-out part, annotate every
-    low-quality sample (training and held-out) and write the outputs into ``out``. Returns the summary."""
+    low-quality sample (training and held-out) and write the outputs into ``out`` (see the module
+    docstring for what ``out`` may hold; ``replace``: redo an earlier run made with other settings).
+    Returns the summary."""
+    config = config or AnnotateConfig()
+    _check_config(config)
+    _check_source_options(source, config)
+    settings = annotate_settings(source, config)
+    with claim_folder(out, COMMAND, SUMMARY, settings, replace=replace, replace_flag="--overwrite", write=False):
+        return _annotate(source, Path(out), config, settings)
+
+
+def _annotate(source: str, out: Path, config: AnnotateConfig, settings: dict[str, Any]) -> dict[str, Any]:
     from ..utils.devices import resolve_device
     from .annotations import write_annotations
 
-    config = config or AnnotateConfig()
-    _check_config(config)
-    out = Path(out)
     started = time.perf_counter()
     device = resolve_device(config.device)
     grid = sigma_grid(config.grid_min, config.grid_max, config.grid_size)
@@ -444,16 +476,18 @@ def annotate(source: str, out: str | Path, config: AnnotateConfig | None = None)
     summary = _summary(source, config, grid, keys, metas, low_idx, sigma_tn, flagged, accuracy, p_high_test, p_low,
                        p_low_test, losses, n_high, n_low, high_test, low_test, rule,
                        {"load": loaded - started, "train": trained - loaded, "score": scored - trained})
-    out.mkdir(parents=True, exist_ok=True)
+    summary["skipped"] = skips.to_dict() | {"summary": skips.summary()}
+    summary["seconds"]["total"] = time.perf_counter() - started
+    # summary.json first: it says the folder is this run's (a kill during the other writes leaves a folder a
+    # rerun of the same settings may redo)
+    write_text_atomic(out / SUMMARY, json.dumps({**stamp(COMMAND), "settings": normalised(settings), **summary},
+                                                indent=1))
     tn = dict(zip((keys[i] for i in low_idx), sigma_tn.tolist()))
     write_annotations(out / "annotations.csv", {k: {"sigma_tn": tn.get(k, 0.0), "sigma_max": None} for k in keys})
     save_quality_classifier(model, out / "classifier.pt", grid=[float(g) for g in grid],
                             autoencoder=config.autoencoder, eps=config.eps, smooth=config.smooth)
     _write_curves(out, summary)
     _plots(out, summary, sigma_tn)
-    summary["seconds"]["total"] = time.perf_counter() - started
-    summary["skipped"] = skips.to_dict() | {"summary": skips.summary()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -527,8 +561,13 @@ def _plots(out: Path, summary: dict[str, Any], sigma_tn: np.ndarray) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AnnotateConfig()
     parser.add_argument("source", help="shapes:N, an image folder, a manifest (.jsonl/.csv/.parquet) or hf:NAME")
-    parser.add_argument("--out", required=True, help="output folder (created; same-named files are overwritten)")
-    parser.add_argument("--resolution", type=int, default=d.resolution, help=f"image side in pixels (default: {d.resolution})")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or an earlier annotate run of the "
+                                                     "same settings (redone); other settings need --overwrite, a "
+                                                     "folder holding other files is refused")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo an earlier annotate run in --out that was made with other settings")
+    parser.add_argument("--resolution", type=int_at_least(8), default=d.resolution,
+                        help=f"image side in pixels, >= 8 (default: {d.resolution})")
     parser.add_argument("--corruption", default=None, metavar="MIXTURE",
                         help="corrupt the source as training's data.corruption does: SPEC@P[,SPEC@P...] e.g. "
                              "noise:0.3@0.5,blur:1.5@0.25 (a bare SPEC corrupts half the images) or YAML "
@@ -539,16 +578,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which samples are low quality: 'quality' = meta quality < --quality-threshold "
                              "(missing = 1.0, clean); 'corruption' = meta corruption present and not 'none' "
                              f"(default: {d.split})")
-    parser.add_argument("--quality-threshold", type=float, default=d.quality_threshold,
-                        help=f"--split quality: samples below it are low quality (default: {d.quality_threshold})")
+    parser.add_argument("--quality-threshold", type=finite_float, default=None,
+                        help=f"with --split quality: samples below it are low quality (default: {d.quality_threshold})")
     parser.add_argument("--autoencoder", default=d.autoencoder,
                         help="annotate in this autoencoder's latent units, e.g. microdiff-vae:runs/vae/autoencoder "
                              "(default: identity = pixels in [-1, 1])")
-    parser.add_argument("--grid-min", type=float, default=d.grid_min, help=f"smallest grid sigma (default: {d.grid_min})")
-    parser.add_argument("--grid-max", type=float, default=d.grid_max, help=f"largest grid sigma (default: {d.grid_max})")
-    parser.add_argument("--grid-size", type=int, default=d.grid_size,
+    parser.add_argument("--grid-min", type=positive_float, default=d.grid_min, help=f"smallest grid sigma (default: {d.grid_min})")
+    parser.add_argument("--grid-max", type=positive_float, default=d.grid_max, help=f"largest grid sigma (default: {d.grid_max})")
+    parser.add_argument("--grid-size", type=int_at_least(2), default=d.grid_size,
                         help=f"number of geometrically spaced grid sigmas (default: {d.grid_size})")
-    parser.add_argument("--eps", type=float, default=d.eps,
+    parser.add_argument("--eps", type=finite_float, default=d.eps,
                         help="sigma_tn = first grid sigma where the smoothed p(low quality) < 0.5 + eps, as in "
                              f"Ambient-o's code; negative = stricter (default: {d.eps})")
     parser.add_argument("--threshold", choices=THRESHOLDS, default=d.threshold,
@@ -556,19 +595,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "p(low quality) for held-out clean images at the same sigma, + eps. Use heldout when "
                              "there are few clean images: the classifier then memorises them and calls any other "
                              "image low quality even at high noise, so p stays above 0.5 (default: half)")
-    parser.add_argument("--smooth", type=int, default=d.smooth,
+    parser.add_argument("--smooth", type=positive_int, default=d.smooth,
                         help=f"centred moving average of p along the grid, in grid points; 1 = none (default: {d.smooth})")
-    parser.add_argument("--draws", type=int, default=d.draws, help=f"noise draws per sample and sigma (default: {d.draws})")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"classifier training steps (default: {d.steps})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+    parser.add_argument("--draws", type=positive_int, default=d.draws, help=f"noise draws per sample and sigma (default: {d.draws})")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"classifier training steps (default: {d.steps})")
+    parser.add_argument("--batch-size", type=int_at_least(2), default=d.batch_size,
                         help=f"even; half high, half low quality (default: {d.batch_size})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
-    parser.add_argument("--width", type=int, default=d.width, help=f"classifier channels (default: {d.width})")
-    parser.add_argument("--heldout", type=float, default=d.heldout,
+    parser.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    parser.add_argument("--width", type=positive_int, default=d.width, help=f"classifier channels (default: {d.width})")
+    parser.add_argument("--heldout", type=finite_float, default=d.heldout,
                         help=f"fraction of each class held out to measure accuracy per sigma (default: {d.heldout})")
-    parser.add_argument("--seed", type=int, default=d.seed,
+    parser.add_argument("--seed", type=non_negative_int, default=d.seed,
                         help="seed of the classifier's init, batches, noise and held-out split (default: 0)")
-    parser.add_argument("--data-seed", type=int, default=d.data_seed,
+    parser.add_argument("--data-seed", type=non_negative_int, default=d.data_seed,
                         help="the dataset's seed (shapes:N content and keys); use training's data.seed (default: 0)")
     parser.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -585,16 +624,19 @@ def run(args: argparse.Namespace) -> int:
                              "a mapping such as '{sizes: [large]}'") from None
         if not isinstance(vocabulary, dict):
             raise ValueError(f"--vocabulary: write a YAML mapping such as '{{sizes: [large]}}'; got {args.vocabulary!r}")
+        if args.quality_threshold is not None and args.split != "quality":
+            raise ValueError(f"--quality-threshold {args.quality_threshold:g}: acts only with --split quality, and "
+                             f"--split is {args.split}; leave it out")
         config = AnnotateConfig(
             resolution=args.resolution, corruption=corruption, vocabulary=vocabulary, split=args.split,
-            quality_threshold=args.quality_threshold, autoencoder=args.autoencoder, grid_min=args.grid_min,
+            quality_threshold=AnnotateConfig.quality_threshold if args.quality_threshold is None
+            else args.quality_threshold, autoencoder=args.autoencoder, grid_min=args.grid_min,
             grid_max=args.grid_max, grid_size=args.grid_size, eps=args.eps, threshold=args.threshold, smooth=args.smooth, draws=args.draws,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width, heldout=args.heldout,
             seed=args.seed, data_seed=args.data_seed, device=args.device, progress=not args.no_progress)
-        summary = annotate(args.source, args.out, config)
+        summary = annotate(args.source, args.out, config, replace=args.overwrite)
     except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"microdiff annotate: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-              file=sys.stderr)
+        print(f"microdiff annotate: error: {first_line(err)}", file=sys.stderr)
         return 2
     c, tn, acc = summary["counts"], summary["sigma_tn"], summary["heldout_accuracy"]
     print(f"{c['total']} samples: {c['high']} high quality (sigma_tn 0), {c['low']} low quality ({summary['rule']})")
@@ -612,5 +654,5 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = ["sigma_grid", "moving_average", "annotate_sigma_tn", "balanced_accuracy", "is_low_quality",
            "QualityClassifier", "save_quality_classifier", "load_quality_classifier", "train_quality_classifier",
-           "draw_probabilities", "low_quality_probability", "AnnotateConfig", "annotate", "parse_mixture",
+           "draw_probabilities", "low_quality_probability", "AnnotateConfig", "annotate", "annotate_settings", "parse_mixture",
            "add_arguments", "run"]

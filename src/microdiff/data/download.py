@@ -15,6 +15,7 @@ Layout of ``out_dir`` (row ``r`` of the source always lands in shard ``r // shar
                      caption, row, key, status, original_width/height, width/height, bytes, sha256,
                      original_format, and every other source column; a column whose name clashes
                      with one of these is kept as "manifest_<name>")
+    00000.sha256     the tar's SHA-256 as ``sha256sum`` writes it (``sha256sum -c 00000.sha256``)
     00000.jsonl      one status row per source row (success or failure + reason), or .parquet
     download.json    the settings that make the dataset (a rerun with other ones is refused) and
                      "runs": one entry per run with its fetch settings, start and end time, counts
@@ -25,7 +26,11 @@ Resume: a shard is complete once its status file exists (it is renamed into plac
 both from ``.partial`` files); a rerun skips complete shards and redoes any other one from scratch.
 A rerun must read the same rows: the URL and caption of every row of a complete shard are checked
 against the source first, so an edited manifest is refused instead of mixed in (rows appended at the
-end are fine). ``--out`` must be new, empty or a folder of this same download.
+end are fine). ``--out`` must be new, empty or a folder of this same download. Every complete shard
+is checked against its ``.sha256`` first (one of an older version without it: read through, then
+given one); a damaged one is fetched again like an unfinished one, and the run says so. A run that
+ends with no image in the folder (every row failed) exits 2 naming ``failures.csv`` and
+``report.json``, which are written all the same.
 
 Failure reasons: "no url", "bad url", "http <code>", "timeout", "connection error", "dns error",
 "ssl error", "network error", "bad response", "too large" (over the bytes cap), "opted out"
@@ -60,12 +65,15 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..utils.errors import UserError
+from ..utils.files import write_text_atomic
+from ..utils.hashing import file_sha256
 from ..utils.locks import FolderLock
 from .fetch import OPT_OUT_DIRECTIVES, USER_AGENT, DownloadError, FetchSettings, fetch
 from .shards import write_json_atomic
 from .transforms import to_rgb  # one rule for every Pillow mode, shared with the training transform
 from .url_sources import (CAPTION_COLUMNS, ERROR_KEY, URL_COLUMNS, Source, open_source, resolve_columns,
                           row_fields)
+from .webshards import CorruptShard, hash_sidecar, index_tar, recorded_hash
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 STATUS_FORMATS = ("jsonl", "parquet")
@@ -143,6 +151,7 @@ class DownloadReport:
     shards_resumed: int  # complete shards found on disk and skipped by this run
     rows_fetched: int  # rows this run processed (the others were in resumed shards)
     elapsed_s: float
+    shards_redone: dict[str, str] = field(default_factory=dict)  # complete shards found damaged: fetched again
 
     @property
     def failed(self) -> int:
@@ -153,7 +162,9 @@ class DownloadReport:
 
     def format_table(self) -> str:
         total = max(self.rows, 1)
-        lines = [f"{self.source} -> {self.out_dir}: {self.rows} rows in {self.shards} shards "
+        lines = [f"{name}: damaged since it was downloaded ({why}): its rows were fetched again"
+                 for name, why in self.shards_redone.items()]
+        lines += [f"{self.source} -> {self.out_dir}: {self.rows} rows in {self.shards} shards "
                  f"({self.shards_resumed} resumed, {self.rows_fetched} rows fetched in {self.elapsed_s:.1f} s)",
                  f"  {'status':24s} {'count':>9s} {'%':>6s}"]
         for name, count in [(SUCCESS, self.success), *sorted(self.failed_by_reason.items(), key=lambda kv: -kv[1])]:
@@ -298,6 +309,7 @@ class ShardWriter:
     def finish(self) -> None:
         self._tar.close()
         _fsync(self._tar_partial)
+        write_hash(self.tar_path, file_sha256(self._tar_partial))  # before the tar: a complete shard has one
         os.replace(self._tar_partial, self.tar_path)
         status_partial = self.status_path.with_name(self.status_path.name + ".partial")
         write_status(status_partial, self.rows, self.status_format)
@@ -306,6 +318,34 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._tar.close()
+
+
+def write_hash(tar: Path, sha256: str) -> Path:
+    """``NNNNN.sha256`` beside ``tar`` in ``sha256sum`` format (``sha256sum -c 00000.sha256`` checks it)."""
+    path = hash_sidecar(tar)
+    write_text_atomic(path, f"{sha256}  {tar.name}\n")
+    return path
+
+
+def damaged_shards(complete: dict[int, Path], out: Path) -> dict[int, str]:
+    """The complete shards whose tar is damaged: it differs from its recorded SHA-256, or (a shard of an
+    older version, with no hash) it does not read to its end; what is wrong with each. An intact shard
+    without a hash gets one now."""
+    damaged = {}
+    for shard in sorted(complete):
+        tar = out / f"{shard_name(shard)}.tar"
+        want = recorded_hash(tar)
+        if want is not None:
+            if file_sha256(tar) != want:
+                damaged[shard] = f"its SHA-256 differs from {hash_sidecar(tar).name}"
+            continue
+        try:
+            index_tar(tar)
+        except CorruptShard as err:
+            damaged[shard] = str(err).removeprefix(f"{tar}: ").split(";")[0]
+            continue
+        write_hash(tar, file_sha256(tar))
+    return damaged
 
 
 def _fsync(path: Path) -> None:
@@ -382,16 +422,20 @@ def download(source: str | os.PathLike, out_dir: str | os.PathLike, *, url_colum
                 "backoff": backoff, "max_bytes": max_bytes, "max_pixels": max_pixels, "limit": limit}
     with _download_folder(Path(out_dir)) as out:
         runs = _previous_runs(out, settings)
-        held = _check_shards_match_source(out, src, url_col, caption_col, complete_shards(out, status_format),
-                                          shard_size)
+        complete = complete_shards(out, status_format)
+        damaged = damaged_shards(complete, out)  # fetched again below, like a shard a killed run left unfinished
+        held = _check_shards_match_source(out, src, url_col, caption_col,
+                                          {k: v for k, v in complete.items() if k not in damaged}, shard_size)
         write_json_atomic(out / SETTINGS_NAME, settings | {"runs": runs + [this_run]})
         total_rows = src.num_rows if limit is None or src.num_rows is None else min(src.num_rows, limit)
         done = {shard for shard, n in held.items()  # a --limit run may have cut the last one short: redone
                 if n >= (shard_size if total_rows is None else min(shard_size, total_rows - shard * shard_size))}
         fetched, resumed = _fetch_rows(src, url_col, caption_col, out, done, total_rows, limit, workers, shard_size,
                                        status_format, fetch_settings, image_settings, progress)
-        report = _write_report(out, src.name, resumed, fetched, status_format, time.monotonic() - start)
-        this_run |= {"finished": _now(), "rows_fetched": fetched, "shards_resumed": resumed}
+        report = _write_report(out, src.name, resumed, fetched, status_format, time.monotonic() - start,
+                               {f"{shard_name(k)}.tar": why for k, why in damaged.items()})
+        this_run |= {"finished": _now(), "rows_fetched": fetched, "shards_resumed": resumed,
+                     "shards_redone": report.shards_redone}
         write_json_atomic(out / SETTINGS_NAME, settings | {"runs": runs + [this_run]})
     return report
 
@@ -460,8 +504,8 @@ def _check_run_settings(workers, shard_size, status_format, limit) -> None:
     for name, flag, value in [("workers", "--workers", workers), ("shard_size", "--shard-size", shard_size)]:
         if not (isinstance(value, int) and value >= 1):
             raise UserError(f"{name} ({flag}): must be a whole number >= 1, got {value}")
-    if limit is not None and not (isinstance(limit, int) and limit >= 0):
-        raise UserError(f"limit (--limit): must be a whole number >= 0, got {limit}")
+    if limit is not None and not (isinstance(limit, int) and limit >= 1):
+        raise UserError(f"limit (--limit): must be a whole number >= 1 (the rows to download), got {limit}")
 
 
 def _canonical_source(source: str | os.PathLike) -> str:
@@ -558,7 +602,7 @@ def _read_status_checked(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_report(out: Path, source: str, n_resumed: int, fetched: int, status_format: str,
-                  elapsed: float) -> DownloadReport:
+                  elapsed: float, redone: dict[str, str] | None = None) -> DownloadReport:
     """Aggregate the status files of every complete shard in ``out`` into report.json and failures.csv."""
     success, by_reason, failures = 0, Counter(), []
     shards = complete_shards(out, status_format)
@@ -571,7 +615,8 @@ def _write_report(out: Path, source: str, n_resumed: int, fetched: int, status_f
                 failures.append(row)
     report = DownloadReport(out_dir=str(out), source=source, rows=success + sum(by_reason.values()),
                             success=success, failed_by_reason=dict(by_reason.most_common()), shards=len(shards),
-                            shards_resumed=n_resumed, rows_fetched=fetched, elapsed_s=round(elapsed, 3))
+                            shards_resumed=n_resumed, rows_fetched=fetched, elapsed_s=round(elapsed, 3),
+                            shards_redone=dict(redone or {}))
     write_json_atomic(out / REPORT_NAME, report.to_dict())
     partial = out / f".{FAILURES_NAME}.partial"
     with partial.open("w", newline="", encoding="utf-8") as f:
@@ -588,11 +633,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("source", help="manifest (.jsonl/.csv/.tsv/.parquet, UTF-8), Hugging Face dataset folder, "
                                        "or hub dataset name (owner/name or hf:name)")
     parser.add_argument("--out", required=True, help="output folder for the shards and reports: new, empty, or "
-                                                     "one holding this same download (then it resumes)")
+                                                     "one holding this same download (then it resumes, and fetches "
+                                                     "a shard whose tar no longer matches its .sha256 again)")
     parser.add_argument("--url-column", help=f"URL column (default: first of {', '.join(URL_COLUMNS)})")
     parser.add_argument("--caption-column", help=f"caption column (default: first of {', '.join(CAPTION_COLUMNS)}; "
                                                  "'none' for no captions)")
-    parser.add_argument("--split", default="train", help="split of a Hugging Face dataset (default: train)")
+    parser.add_argument("--split", default=None, help="split of a Hugging Face dataset (default: train)")
     parser.add_argument("--resolution", type=int, default=256,
                         help="resize the short side to this, keeping the aspect (default: 256; 0 keeps the size)")
     parser.add_argument("--crop", action="store_true", help="centre crop to resolution x resolution")
@@ -602,7 +648,7 @@ def add_arguments(parser) -> None:
                              f"bombs (default: {MAX_PIXELS / 1e6:g}, about {3 * MAX_PIXELS // 10**6} MB decoded)")
     parser.add_argument("--format", dest="image_format", choices=list(IMAGE_FORMATS), default="jpg",
                         help="image encoding in the shards (default: jpg)")
-    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality, 1-100 (default: 95)")
+    parser.add_argument("--quality", type=int, default=None, help="jpg/webp quality, 1-100 (default: 95)")
     parser.add_argument("--workers", type=int, default=16, help="parallel downloads (default: 16)")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds one request attempt may take in all: connect, headers, body and redirects, "
@@ -613,7 +659,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="source rows per shard (default: 1000)")
     parser.add_argument("--status-format", choices=STATUS_FORMATS, default="jsonl",
                         help="per-shard status files (default: jsonl; parquet needs pyarrow)")
-    parser.add_argument("--limit", type=int, help="only the first N rows of the source")
+    parser.add_argument("--limit", type=int, help="only the first N rows of the source (N >= 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -629,14 +675,26 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     max_bytes = int(_positive("--max-mb", args.max_mb) * 2**20)
     max_pixels = int(_positive("--max-megapixels", args.max_megapixels) * 1e6)
+    if args.quality is not None and args.image_format == "png":
+        raise UserError(f"--quality {args.quality}: applies to jpg and webp, and --format png is lossless; leave "
+                        "--quality out, or choose --format jpg or webp")
+    if args.split is not None and Path(args.source).is_file():
+        raise UserError(f"--split {args.split}: applies to Hugging Face datasets, and {args.source} is a manifest "
+                        "file; leave --split out")
     report = download(args.source, args.out, url_column=args.url_column, caption_column=args.caption_column,
-                      split=args.split, resolution=args.resolution or None, crop=args.crop, min_size=args.min_size,
-                      image_format=args.image_format, quality=args.quality, max_pixels=max_pixels,
+                      split=args.split or "train", resolution=args.resolution or None, crop=args.crop,
+                      min_size=args.min_size, image_format=args.image_format,
+                      quality=95 if args.quality is None else args.quality, max_pixels=max_pixels,
                       workers=args.workers, timeout=args.timeout, retries=args.retries, max_bytes=max_bytes,
                       shard_size=args.shard_size, status_format=args.status_format, limit=args.limit,
                       progress=not args.no_progress)
     print(report.format_table())
     sys.stdout.flush()
+    if report.success == 0:  # the reports are written: they say why every row failed
+        why = ", ".join(f"{reason}: {n}" for reason, n in list(report.failed_by_reason.items())[:3])
+        out = Path(report.out_dir)
+        raise UserError(f"{out}: no image was downloaded ({report.rows} rows failed: {why}); see "
+                        f"{out / FAILURES_NAME} and {out / REPORT_NAME} for each row's reason")
     return 0
 
 

@@ -16,18 +16,20 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..utils.errors import UserError
+from ..utils.files import output_file, stamp, write_json_atomic
+from ..utils.plots import histogram
 from .report import SkipReport
 from .shards import ShardError, iter_tar, list_shards, read_dataset_info
-from .sources import (DataSpec, add_source_arguments, build_dataset, caption_meta, check_out_path, nonnegative_int,
-                      skip_report, source_kind)
+from .sources import (DataSpec, add_source_arguments, build_dataset, caption_meta, found_nothing, nonnegative_int,
+                      refuse_unused, skip_report, source_kind)
 
+COMMAND = "data inspect"
 INSPECT_RESOLUTION = 16  # what datasets are built at here (images are not decoded; shapes:N renders small)
 
 
@@ -57,7 +59,8 @@ def iter_source(source: str, spec: DataSpec | None = None, report: SkipReport | 
     if source_kind(source) == "latent-shards":
         yield from iter_latent_shards(source, report)
         return
-    dataset = build_dataset(spec, command="data inspect", progress=progress, allow_empty=True, log_skips=False)
+    dataset = build_dataset(spec, command="data inspect", progress=progress, allow_empty=True, log_skips=False,
+                            corrupt_shards="report")
     index_skips = skip_report(dataset)
     if index_skips is not None:
         report.merge(index_skips)
@@ -135,25 +138,24 @@ def format_summary(source: str, summary: dict[str, Any]) -> str:
 
 def inspect_source(source: str, json_path: str | None = None, plot_path: str | None = None,
                    spec: DataSpec | None = None, progress: bool = False) -> dict[str, Any]:
-    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
-        if path and Path(path).is_dir():
-            raise UserError(f"{what} {path}: is a folder; give a file name")
-        if path:
-            check_out_path(Path(path).parent, what)
+    """Summarise ``source`` (see the module docstring); ``json_path`` / ``plot_path``: also write the
+    summary (stamped) and a caption-length histogram there: a new file, or one an earlier inspect wrote
+    (anything else is refused before the source is read)."""
+    json_file = output_file(json_path, "--json", COMMAND) if json_path else None
+    plot_file = output_file(plot_path, "--plot", COMMAND) if plot_path else None
     report = SkipReport(source, warn_first=0)  # the summary lists the reasons
     summary = summarise(iter_source(source, spec, report, progress), report)
     words = summary.pop("_caption_words")
     if source_kind(source) == "latent-shards":  # precomputed shards say which encoders made them
         info = read_dataset_info(source)
         summary["shards"] = {k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k.endswith("encoder")}
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"source": source, **summary}, indent=2))
-    if plot_path and words:
-        from ..utils.plots import histogram  # matplotlib: only when a plot is asked for
-
-        histogram(words, plot_path, bins=min(40, max(words) - min(words) + 1),
-                  title=f"caption length ({summary['samples']} samples)", xlabel="words")
+    if json_file is not None:
+        write_json_atomic(json_file, {**stamp(COMMAND), "source": source, **summary})
+    summary["plot"] = None
+    if plot_file is not None and words:
+        histogram(words, plot_file, bins=min(40, max(words) - min(words) + 1),
+                  title=f"caption length ({summary['samples']} samples)", xlabel="words", text=stamp(COMMAND))
+        summary["plot"] = str(plot_file)
     return summary
 
 
@@ -161,8 +163,10 @@ def inspect_source(source: str, json_path: str | None = None, plot_path: str | N
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="image folder, manifest (.jsonl/.csv/.parquet), hf:NAME, image shard folder "
                                        "(microdiff data download), latent shard folder, mds:PATH or shapes:N")
-    parser.add_argument("--json", help="also write the summary to this JSON file")
-    parser.add_argument("--plot", help="also write a caption-length histogram PNG here")
+    parser.add_argument("--json", help="also write the summary to this JSON file (a new file, or one an earlier "
+                                       "data inspect wrote)")
+    parser.add_argument("--plot", help="also write a caption-length histogram PNG here (a new file, or one an "
+                                       "earlier data inspect wrote)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a shapes:N source (default 0)")
     add_source_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -171,9 +175,16 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     spec = DataSpec(source=args.source, resolution=INSPECT_RESOLUTION, seed=args.seed,
                     caption_column=args.caption_column, image_column=args.image_column)
+    refuse_unused(args.source, {"--seed": (args.seed, 0, ("shapes",)),
+                                 "--caption-column": (args.caption_column, None, ("manifest", "hf")),
+                                 "--image-column": (args.image_column, None, ("manifest", "hf"))})
     summary = inspect_source(args.source, args.json, args.plot, spec, progress=not args.no_progress)
     print(format_summary(args.source, summary))
+    if args.plot and summary["plot"] is None:
+        print(f"--plot {args.plot}: not written: no sample has a caption to measure")
     if summary["samples"] == 0:
+        if not summary["skipped"]:
+            raise UserError(found_nothing(args.source))
         raise UserError(f"{args.source}: training would use none of its items (see the reasons above)")
     return 0
 

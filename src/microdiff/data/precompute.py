@@ -19,6 +19,15 @@ size, and ``compare``: the resolution, seed, corruption, ... a command passes) a
 line naming what changed. A folder that holds other files and no precompute output is refused too.
 A dataset with no item, or one whose every item is skipped, is an error naming the source.
 
+Nor damaged ones: each record holds the size and SHA-256 of its tar (``file``, copied into
+``dataset.json``'s shard list), and a rerun checks every finished shard against it before keeping
+it; a damaged or truncated tar is redone and the run says so (``data check`` compares them too).
+
+One writer per shard: each process locks ``--out`` for its rank (``.precompute-rank<r>.lock``, a
+``utils.locks.FolderLock``) for the whole run, so a second run into the same folder is refused in one
+line naming the process that holds it, while the ranks of one torchrun job share the folder (a second
+torchrun job is refused at its rank 0, and torchrun then stops its other ranks).
+
 Encoders follow :mod:`microdiff.encoders.base`: ``Autoencoder.encode(images) -> latents`` and
 ``TextEncoder.encode(captions) -> TextEncoding``; their ``identifier`` goes into every record so that
 training can check it uses the same ones, and a rerun refuses to mix shards of other encoders.
@@ -45,15 +54,17 @@ from ..encoders.image import load_autoencoder, resolve_dtype
 from ..encoders.text import load_text_encoder
 from ..utils.devices import resolve_device, resolve_dist
 from ..utils.errors import UserError
+from ..utils.hashing import check_file, file_record
+from ..utils.locks import FolderLock
 from .report import Skip, SkipReport
-from .shards import (FORMAT, INFO_NAME, encode_sample, remove_stale_temporaries, shard_name, write_json_atomic,
-                     write_shard)
-from .sources import (DataSpec, add_source_arguments, build_dataset, check_out_path, item_fingerprint,
-                      nonnegative_int, positive_int, require_images, skip_report)
+from .shards import (FORMAT, INFO_NAME, ShardError, encode_sample, iter_tar, remove_stale_temporaries, shard_name,
+                     write_json_atomic, write_shard)
+from .sources import (IMAGE_KINDS, DataSpec, add_source_arguments, build_dataset, check_out_path, item_fingerprint,
+                      nonnegative_int, positive_int, refuse_unused, require_images, skip_report)
 
 RECORD_FIELDS = ("image", "caption", "key", "meta")
 CHECKED = ("autoencoder", "text_encoder", "shard_size", "dtype", "compare")
-OURS = ("shard-*.tar", "shard-*.json", INFO_NAME, ".shard-*", f".{INFO_NAME}.tmp-*")
+OURS = ("shard-*.tar", "shard-*.json", INFO_NAME, ".shard-*", f".{INFO_NAME}.tmp-*", ".precompute-rank*.lock")
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -69,6 +80,29 @@ def _record_path(out: Path, k: int) -> Path:
 
 def _done(out: Path, k: int) -> bool:
     return _record_path(out, k).is_file() and (out / shard_name(k)).is_file()
+
+
+def lock_name(rank: int) -> str:
+    """The lock one process holds on ``--out`` while it writes: one per rank, so the ranks of a torchrun job
+    share the folder, and a second run into it (rank 0 of its own) is refused naming the holder."""
+    return f".precompute-rank{rank}.lock"
+
+
+def shard_damage(out: Path, k: int, record: dict[str, Any]) -> str | None:
+    """What is wrong with finished shard ``k``'s tar, or None when it is intact: it must match the size
+    and SHA-256 its record holds (``file``). A record of an older version, without them, is checked by
+    reading the tar through (every sample there, the count the record says) and gets them now."""
+    tar = out / shard_name(k)
+    if "file" in record:
+        return check_file(tar, record["file"])
+    try:
+        count = sum(1 for _ in iter_tar(str(tar)))
+    except ShardError as err:
+        return str(err).removeprefix(f"{tar}: ").split(";")[0]
+    if count != record.get("samples"):
+        return f"it holds {count} samples, its record says {record.get('samples')}"
+    write_json_atomic(_record_path(out, k), {**record, "file": file_record(tar)})
+    return None
 
 
 def _check_record(record: dict[str, Any], want: dict[str, Any], path: Path) -> None:
@@ -226,7 +260,8 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
     ``compare``: settings a rerun must share (JSON values; a change is refused naming it).
 
     Returns a report: shards total / written now / already done / redone because their inputs
-    changed / removed past the end, samples and skipped items written now, whether the folder is
+    changed / redone because their tar was damaged (shard -> what is wrong) / removed past the end,
+    samples and skipped items written now, whether the folder is
     complete, the dataset.json path (None until complete), seconds.
     """
     start_time = time.time()
@@ -244,6 +279,16 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
     if n == 0:
         raise UserError(f"{name}: the dataset has no items, so there is nothing to precompute")
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, lock_name(rank), "data precompute"):
+        return _precompute_locked(dataset, autoencoder, text_encoder, out, n, name, shard_size, batch_size, device,
+                                  dtype, rank, world_size, progress, num_workers, settings, compare, start_time)
+
+
+def _precompute_locked(dataset, autoencoder, text_encoder, out: Path, n: int, name: str, shard_size: int,
+                       batch_size: int, device: torch.device, dtype: torch.dtype, rank: int, world_size: int,
+                       progress: bool, num_workers: int, settings: dict[str, Any] | None,
+                       compare: dict[str, Any] | None, start_time: float) -> dict[str, Any]:
+    """:func:`precompute` once ``out`` is locked for this rank."""
     num_shards = math.ceil(n / shard_size)
     common = {"autoencoder": autoencoder.identifier, "text_encoder": text_encoder.identifier,
               "shard_size": int(shard_size), "num_items": n, "dtype": str(dtype).removeprefix("torch."),
@@ -259,14 +304,18 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
         _remove_shard(out, k)
     mine = [k for k in range(rank, num_shards, world_size)]
     inputs = {}
-    redone = []
+    redone, damaged = [], {}
     for k in mine:
         if _done(out, k):
             begin, end = k * shard_size, min(n, (k + 1) * shard_size)
+            problem = shard_damage(out, k, records[k])
+            if problem is not None:
+                damaged[k] = problem
+                continue
             inputs[k] = shard_inputs(dataset, begin, end)
             if records[k].get("inputs") != inputs[k] or records[k].get("items") != [begin, end]:
                 redone.append(k)
-    todo = [k for k in mine if not _done(out, k) or k in redone]
+    todo = [k for k in mine if not _done(out, k) or k in redone or k in damaged]
     if todo or removed:  # the folder changes: it is not complete until the last shard is written again
         (out / INFO_NAME).unlink(missing_ok=True)
 
@@ -296,6 +345,7 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
                       "latent_shape": encoder.latent_shape,
                       "text_shape": None if encoder.text_dim is None else [encoder.text_length, encoder.text_dim],
                       "text_lengths": sorted(encoder.text_lengths), "extra_fields": sorted(encoder.extra_fields)}
+            record["file"] = file_record(out / shard_name(k))  # what a rerun checks the tar against
             write_json_atomic(_record_path(out, k), record)
             samples_written += count
             skipped_now += len(encoder.skipped)
@@ -305,7 +355,7 @@ def precompute(dataset, autoencoder, text_encoder, out_dir: str | os.PathLike, s
     info_path = write_dataset_info(out, num_shards, common, run_settings, name) if complete else None
     return {"out_dir": str(out), "rank": rank, "world_size": world_size, "num_items": n, "shards_total": num_shards,
             "shards_mine": len(mine), "shards_written": len(todo), "shards_already_done": len(mine) - len(todo),
-            "shards_redone": redone, "shards_removed": sorted(removed),
+            "shards_redone": redone, "shards_damaged": damaged, "shards_removed": sorted(removed),
             "samples_written": samples_written, "skipped_written": skipped_now, "complete": complete,
             "dataset_json": None if info_path is None else str(info_path), "seconds": time.time() - start_time}
 
@@ -348,8 +398,8 @@ def write_dataset_info(out: Path, num_shards: int, common: dict[str, Any], setti
         "num_shards": num_shards,
         "num_samples": sum(r["samples"] for r in records),
         "num_skipped": sum(r["skipped"] for r in records),
-        "shards": [{"name": r["name"], "samples": r["samples"], "skipped": r["skipped"], "items": r["items"]}
-                   for r in records],
+        "shards": [{"name": r["name"], "samples": r["samples"], "skipped": r["skipped"], "items": r["items"],
+                    **({"file": r["file"]} if "file" in r else {})} for r in records],
         "skipped_items": [i for r in records for i in r["skipped_items"]],
         "skipped_why": [w for r in records for w in r.get("skipped_why", [])],
         "settings": {"shard_size": common["shard_size"], "dtype": common["dtype"], **settings},
@@ -371,7 +421,8 @@ def add_arguments(parser) -> None:
                                        "or shapes:N for the built-in set")
     parser.add_argument("--out", required=True, help="output folder for the shards and dataset.json (new, empty, "
                                                      "or an earlier precompute of this source: it resumes, and "
-                                                     "redoes shards whose inputs changed)")
+                                                     "redoes shards whose inputs changed or whose tar is damaged); "
+                                                     "a second run into a folder in use is refused")
     parser.add_argument("--autoencoder", required=True, help="autoencoder identifier, e.g. identity or "
                                                              "diffusers-kl:stabilityai/sd-vae-ft-ema")
     parser.add_argument("--text-encoder", required=True, help="text encoder identifier")
@@ -385,7 +436,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=nonnegative_int, default=0,
                         help="DataLoader worker processes reading images (default: 0: in this process)")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
-                        help="data seed: shapes:N content and the --corruption draws (default: 0)")
+                        help="data seed: shapes:N content and the --corruption draws; refused where it does "
+                             "nothing (default: 0)")
     parser.add_argument("--corruption", type=_mixture, default=None, metavar="MIXTURE",
                         help="corrupt the images as training's data.corruption does, e.g. noise:0.3@0.5,blur:1.5@0.25")
     add_source_arguments(parser, filters=True)
@@ -402,6 +454,8 @@ def _mixture(text: str):
 def run(args) -> int:
     """``microdiff data precompute``: 0 once this rank's shards are written (every skip counted)."""
     require_images(args.source, "data precompute")
+    refuse_unused(args.source, {"--seed": (args.seed, 0, ("shapes",) if args.corruption is None else IMAGE_KINDS,
+                                           "it seeds shapes:N content and the --corruption draws")})
     check_out_path(args.out)
     spec = DataSpec(source=args.source, resolution=args.resolution, seed=args.seed, corruption=args.corruption,
                     min_quality=args.min_quality, caption_column=args.caption_column, image_column=args.image_column)
@@ -418,6 +472,8 @@ def run(args) -> int:
                         dtype=args.dtype, progress=not args.no_progress, num_workers=args.workers,
                         settings={"source": args.source, "resolution": args.resolution, "seed": args.seed},
                         compare=compare)
+    for k, problem in report["shards_damaged"].items():
+        print(f"{shard_name(k)}: {problem}: redone")
     for k in report["shards_redone"]:
         print(f"{shard_name(k)}: its inputs changed since it was written (captions, images or metadata): redone")
     if report["shards_removed"]:
@@ -425,7 +481,7 @@ def run(args) -> int:
               f"({shard_name(report['shards_removed'][0])}, ...)")
     print(f"rank {report['rank']}/{world_size}: wrote {report['shards_written']} shards "
           f"({report['samples_written']} samples, {report['skipped_written']} skipped items), "
-          f"{report['shards_already_done']} were already done and up to date")
+          f"{report['shards_already_done']} were already done, intact and up to date")
     if report["complete"]:
         info = json.loads(Path(report["dataset_json"]).read_text())
         skips = SkipReport(args.source).merge(skip_report(dataset) or [], _skips_of([info]))

@@ -19,6 +19,7 @@ appended to it as one JSON line (one ``O_APPEND`` write, safe across processes),
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -27,7 +28,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
+
+from ..utils.files import write_text_atomic
 
 __all__ = ["OnError", "DataError", "Skip", "SkipReport"]
 
@@ -198,19 +201,21 @@ class SkipReport:
         return {"name": self.name, "total": self.total, "counts": self.counts, "replaced": self.replaced,
                 "items": [asdict(skip) for skip in sorted(self.items, key=lambda s: (s.reason, s.path))]}
 
-    def to_json(self) -> str:
-        return json.dumps({"summary": self.summary(), **self.to_dict()}, indent=2, ensure_ascii=False) + "\n"
+    def to_json(self, **extra: Any) -> str:
+        return json.dumps({**extra, "summary": self.summary(), **self.to_dict()}, indent=2, ensure_ascii=False) + "\n"
 
-    def write(self, path: str | os.PathLike) -> tuple[Path, Path]:
-        """Write ``<path>.json`` (summary, counts, items) and ``<path>.csv`` (path, reason, detail)."""
+    def write(self, path: str | os.PathLike, **extra: Any) -> tuple[Path, Path]:
+        """Write ``<path>.json`` (``extra`` such as a ``files.stamp``, summary, counts, items) and
+        ``<path>.csv`` (path, reason, detail), each atomically."""
         path = Path(path)
         json_path, csv_path = path.with_suffix(".json"), path.with_suffix(".csv")
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(self.to_json(), encoding="utf-8")
-        with csv_path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "reason", "detail"])
-            writer.writerows((s.path, s.reason, s.detail) for s in self.items)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "reason", "detail"])
+        writer.writerows((s.path, s.reason, s.detail) for s in self.items)
+        write_text_atomic(csv_path, buffer.getvalue())
+        write_text_atomic(json_path, self.to_json(**extra))
         return json_path, csv_path
 
     def __repr__(self) -> str:

@@ -43,6 +43,8 @@ from ..ambient.corruptions import (MASK_CORRUPTIONS, SHORT_EXAMPLES, apply_corru
                                    to_uint8)
 from ..ambient.dataset import as_mixture
 from ..utils.errors import UserError
+from ..utils.files import output_file, stamp, write_png_atomic, write_text_atomic
+from ..utils.folders import claim_folder
 
 # ----------------------------------------------------------------------------- vocabulary and geometry
 SHAPES = ("circle", "square", "triangle")
@@ -347,6 +349,48 @@ def collate_shapes(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- files
+# the settings a shapes folder was written with (utils/folders.claim_folder); hidden, so that a glob of the
+# *.json sidecars does not meet it
+SHAPES_MARKER = ".shapes.json"
+COMMAND = "data shapes"
+
+
+def shapes_settings(n: int, resolution: int, seed: int, objects: int, corruption: Any,
+                    vocabulary: dict[str, Any]) -> dict[str, Any]:
+    """What a shapes folder is a function of: a rerun must give the same to resume it."""
+    mixture = as_mixture(corruption, _check_resolution(resolution))
+    return {"n": int(n), "resolution": int(resolution), "seed": int(seed), "objects": int(objects),
+            "corruption": [[p, spec] for p, spec in mixture], "vocabulary": dict(vocabulary),
+            "renderer": RENDERER_VERSION}
+
+
+def files_per_item(corruption: Any, resolution: int) -> int:
+    """Files one item takes: .png, .txt, .json, plus .npy (noise) and .mask.npy (pixel masks)."""
+    names = {spec["name"] for _, spec in as_mixture(corruption, resolution) if spec is not None}
+    return 3 + ("noise" in names) + bool(names & set(MASK_CORRUPTIONS))
+
+
+def check_room(out: Path, n: int, resolution: int, corruption: Any = None) -> None:
+    """Refuse, before writing, a folder whose file system cannot take ``n`` items: fewer free inodes than
+    files, or fewer free bytes than a lower bound (each file takes at least one block; a PNG at least
+    its pixels / 8, what the flattest shapes image compresses to)."""
+    probe = next((q for q in [out, *out.parents] if q.exists()), Path("."))
+    try:
+        fs = os.statvfs(probe)
+    except (OSError, AttributeError):
+        return
+    files = n * files_per_item(corruption, resolution)
+    block = fs.f_frsize or 4096
+    need = files * block + n * max(0, resolution * resolution * 3 // 8 - block)
+    free = fs.f_bavail * block
+    if fs.f_files and files > fs.f_favail:
+        raise UserError(f"--n {n}: {files} files would not fit on the file system of {probe} ({fs.f_favail} free "
+                        "inodes); lower --n or choose another --out")
+    if need > free:
+        raise UserError(f"--n {n}: needs at least {need / 2**30:.3g} GiB at {resolution} px and {probe} has "
+                        f"{free / 2**30:.3g} GiB free; lower --n or choose another --out")
+
+
 def write_shapes_folder(out_dir: str | Path, n: int, resolution: int = 64, seed: int = 0, objects: int = 1,
                         corruption: Any = None, *, progress: bool = True,
                         **vocabulary: Sequence[str] | None) -> list[Path]:
@@ -356,33 +400,50 @@ def write_shapes_folder(out_dir: str | Path, n: int, resolution: int = 64, seed:
     exact float32 image (values outside [-1, 1] included) is also written as ``00000.npy`` and the
     meta says ``"exact": "00000.npy"`` and which fraction of values the PNG clipped. Pixel masks (every
     name in ``MASK_CORRUPTIONS``) go to ``00000.mask.npy`` (uint8 (H, W), 1 = observed; (C, H, W) for a
-    per-element dust mask; ``"mask_file"`` in the meta), which ``ImageFolderDataset`` reads back. Existing files
-    of the same names are overwritten. Returns the PNG paths."""
+    per-element dust mask; ``"mask_file"`` in the meta), which ``ImageFolderDataset`` reads back.
+
+    The folder must be new, empty or an earlier shapes folder of the same settings (``.shapes.json``
+    records them; other settings, or another tool's files, are refused in one line): a rerun resumes,
+    skipping the items already written (each item's ``.json`` is written last, atomically, like every
+    file here), so a killed run never leaves a torn file or a mixed dataset. The folder is locked while
+    it is written. Returns the PNG paths."""
     from tqdm import tqdm
 
     data = ShapesDataset(n, resolution, seed, objects, corruption, **vocabulary)
+    settings = shapes_settings(n, resolution, seed, objects, corruption, vocabulary)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not (out / SHAPES_MARKER).is_file():
+        check_room(out, n, resolution, corruption)
     width = max(5, len(str(max(n - 1, 0))))
     paths = []
-    for i in tqdm(range(n), desc=f"shapes -> {out}", unit="img", disable=not progress, dynamic_ncols=True):
-        item = data[i]
-        name, meta = f"{i:0{width}d}", dict(item["meta"], key=item["key"])
-        image = item["image"]
-        if meta["corruption"] == "noise":
-            np.save(out / f"{name}.npy", image.numpy().astype(np.float32))
-            meta["exact"] = f"{name}.npy"
-            meta["clipped_fraction"] = float((image.abs() > 1).float().mean())
-        if meta["corruption"] in MASK_CORRUPTIONS:
-            mask = item["mask"]
-            mask = mask[0] if bool((mask == mask[:1]).all()) else mask  # (H, W) unless per-element
-            np.save(out / f"{name}.mask.npy", mask.numpy().astype(np.uint8))
-            meta["mask_file"] = f"{name}.mask.npy"
-        Image.fromarray(to_uint8(image[None])[0], "RGB").save(out / f"{name}.png")
-        (out / f"{name}.txt").write_text(item["caption"] + "\n")
-        (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
-        paths.append(out / f"{name}.png")
+    with claim_folder(out, COMMAND, SHAPES_MARKER, settings):
+        for i in tqdm(range(n), desc=f"shapes -> {out}", unit="img", disable=not progress, dynamic_ncols=True):
+            name = f"{i:0{width}d}"
+            paths.append(out / f"{name}.png")
+            if (out / f"{name}.json").is_file():  # written by an earlier run of these settings
+                continue
+            item = data[i]
+            meta, image = dict(item["meta"], key=item["key"]), item["image"]
+            if meta["corruption"] == "noise":
+                _save_npy(out / f"{name}.npy", image.numpy().astype(np.float32))
+                meta["exact"] = f"{name}.npy"
+                meta["clipped_fraction"] = float((image.abs() > 1).float().mean())
+            if meta["corruption"] in MASK_CORRUPTIONS:
+                mask = item["mask"]
+                mask = mask[0] if bool((mask == mask[:1]).all()) else mask  # (H, W) unless per-element
+                _save_npy(out / f"{name}.mask.npy", mask.numpy().astype(np.uint8))
+                meta["mask_file"] = f"{name}.mask.npy"
+            write_png_atomic(Image.fromarray(to_uint8(image[None])[0], "RGB"), out / f"{name}.png")
+            write_text_atomic(out / f"{name}.txt", item["caption"] + "\n")
+            write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
     return paths
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
 
 
 def shapes_grid(n: int = 16, resolution: int = 64, seed: int = 0, *, objects: int = 1, corruption: Any = None,
@@ -435,35 +496,20 @@ def _cli_seed(text: str) -> int:
 
 
 def check_shapes_out(out: Path) -> None:
-    """``--out``: a new folder, an empty one, or an earlier shapes folder (its files are rewritten);
-    anything else (a file, a folder of other data) is refused in one line."""
+    """``--out`` is not a file and can be made; what it may hold is checked by ``write_shapes_folder``."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is an existing file; give a folder")
     parent = next((q for q in [out, *out.parents] if q.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {parent} is not a writable folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        for side in sorted(out.glob("*.json"))[:1]:
-            try:
-                if json.loads(side.read_text()).get("source") == "shapes":
-                    return
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                pass
-        raise UserError(f"--out {out}: the folder holds other files (not a shapes folder); choose a new or empty one")
-
-
-def check_shapes_out_file(path: Path) -> None:
-    if path.is_dir():
-        raise UserError(f"--grid {path}: is a folder; give a .png file name")
-    parent = next((q for q in path.parents if q.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--grid {path}: {parent} is not a writable folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder: new, empty, or an earlier shapes folder (its "
-                                                     "same-named files are rewritten)")
-    parser.add_argument("--n", type=_cli_count, default=1000, help="number of images, >= 1 (default: 1000)")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or an earlier shapes folder of the "
+                                                     "same settings (.shapes.json records them): it resumes; other "
+                                                     "settings or another tool's files are refused")
+    parser.add_argument("--n", type=_cli_count, default=1000, help="number of images, >= 1 (default: 1000); refused "
+                                                                   "when the file system has no room for them")
     parser.add_argument("--resolution", type=_cli_resolution, default=64,
                         help="image side in pixels, >= 8 (default: 64)")
     parser.add_argument("--seed", type=_cli_seed, default=0,
@@ -472,26 +518,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="objects per image; 2 gives compositional captions (default: 1)")
     parser.add_argument("--corruption", type=_cli_corruption, default=None, metavar="SPEC",
                         help=f"corrupt images, e.g. {SHORT_EXAMPLES}")
-    parser.add_argument("--corrupt-fraction", type=_cli_fraction, default=1.0, metavar="P",
-                        help="fraction of images corrupted, the rest stay clean (default: 1.0)")
+    parser.add_argument("--corrupt-fraction", type=_cli_fraction, default=None, metavar="P",
+                        help="with --corruption: fraction of images corrupted, the rest stay clean (default: 1.0)")
     parser.add_argument("--grid", default=None, metavar="PNG",
-                        help="also write a captioned preview grid of the first 16 images")
+                        help="also write a captioned preview grid of the first 16 images (a new file, or one an "
+                             "earlier data shapes wrote)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.corrupt_fraction is not None and args.corruption is None:
+        raise UserError(f"--corrupt-fraction {args.corrupt_fraction:g}: is the fraction of images --corruption "
+                        "corrupts, and no --corruption is given; add --corruption SPEC (e.g. noise:0.2) or leave "
+                        "it out")
     check_shapes_out(Path(args.out))
-    if args.grid:
-        check_shapes_out_file(Path(args.grid))
-    corruption = None if args.corruption is None else [(args.corrupt_fraction, args.corruption)]
+    grid = output_file(args.grid, "--grid", COMMAND) if args.grid else None
+    fraction = 1.0 if args.corrupt_fraction is None else args.corrupt_fraction
+    corruption = None if args.corruption is None else [(fraction, args.corruption)]
     paths = write_shapes_folder(args.out, args.n, args.resolution, args.seed, args.objects, corruption,
                                 progress=not args.no_progress)
     print(f"wrote {len(paths)} shapes images ({args.resolution}px) with .txt captions and .json metadata to {args.out}")
-    if args.grid:
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)  # checked above
-        shapes_grid(min(16, max(args.n, 1)), args.resolution, args.seed, objects=args.objects,
-                    corruption=corruption).save(args.grid)
-        print(f"preview grid: {args.grid}")
+    if grid is not None:
+        image = shapes_grid(min(16, max(args.n, 1)), args.resolution, args.seed, objects=args.objects,
+                            corruption=corruption)
+        write_png_atomic(image, grid, stamp(COMMAND))
+        print(f"preview grid: {grid}")
     return 0
 
 

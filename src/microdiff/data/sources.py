@@ -158,7 +158,7 @@ def require_images(source: str, command: str) -> None:
 def build_dataset(spec: DataSpec, *, needs: str = "any", command: str = "train", progress: bool = True,
                   split: str | None = None, image_root: str | os.PathLike | None = None,
                   allow_missing_captions: bool = False, min_size: int | None = None, log_skips: bool = True,
-                  allow_empty: bool = False):
+                  allow_empty: bool = False, corrupt_shards: str = "raise", verify_shards: bool = False):
     """The map-style dataset ``spec`` names, with its filters (see the module docstring).
 
     ``needs="images"``: refuse latent sources in one line naming ``command``. Latent shard folders are
@@ -167,6 +167,9 @@ def build_dataset(spec: DataSpec, *, needs: str = "any", command: str = "train",
     sources (HF split; manifests' image folder; use '' for missing captions; skip small images).
     ``log_skips``: log the first skips found while indexing (off on all but one rank).
     ``allow_empty``: return a dataset with no usable item instead of raising (``data check`` reports it).
+    ``corrupt_shards`` / ``verify_shards``: image shards only (``data/webshards.py``): "raise" (training: a
+    damaged tar is one line naming it) or "report" (check, inspect: a "corrupt shard" skip), and whether to
+    compare every tar with the SHA-256 its download recorded.
     """
     source = spec.source
     kind = source_kind(source)
@@ -200,7 +203,8 @@ def build_dataset(spec: DataSpec, *, needs: str = "any", command: str = "train",
                                    "report": SkipReport(source, warn_first=10 if log_skips else 0)}
         transform = ImageTransform(spec.resolution, min_size=min_size)
         if kind == "image-shards":
-            dataset = ImageShardDataset(source, transform, **options)
+            dataset = ImageShardDataset(source, transform, corrupt_shards=corrupt_shards, verify=verify_shards,
+                                        **options)
         else:
             if kind == "manifest":
                 options.update(path_column=spec.image_column, caption_column=spec.caption_column)
@@ -256,6 +260,24 @@ def read_records(dataset, desc: str, progress: bool = True) -> tuple[list[dict[s
         else:
             records.append(record)
     return records, skip_totals(dataset, later)
+
+
+def found_nothing(source: str) -> str:
+    """What an empty source holds, for the one line that says training would use none of it."""
+    kinds = ("a source is an image folder (x.png + x.txt or x.json captions), a .jsonl/.csv/.parquet manifest, "
+             "hf:NAME, a shard folder (`microdiff data download` / `data precompute`), mds:PATH or shapes:N")
+    path = Path(source)
+    if (path / "download.json").is_file():
+        return (f"{source}: found nothing to use: the download wrote no image; see {path / 'failures.csv'} and "
+                f"{path / 'report.json'} for why each row failed")
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        shown = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        what = ("it is empty" if not files else
+                f"it holds {len(shown)} file(s) and no image with a caption"
+                + (f" ({len(files) - len(shown)} hidden file(s) are left out)" if len(files) > len(shown) else ""))
+        return f"{source}: found nothing to use: {what}; {kinds}"
+    return f"{source}: found nothing to use: it holds no item; {kinds}"
 
 
 def empty_message(dataset, source: str) -> str:
@@ -414,6 +436,17 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, filters: bool = Fal
                             help="keep samples whose meta quality (absent = 1) is at least this")
 
 
+def refuse_unused(source: str, options: dict[str, tuple]) -> None:
+    """One line for an option the user set that would do nothing for this source: ``options`` maps a
+    flag to (its value, its default, the source kinds it applies to[, what it does instead of the kinds]).
+    A value equal to the default changes nothing, so only a set one is refused."""
+    kind = source_kind(source)
+    for flag, (value, default, kinds, *what) in options.items():
+        if value != default and kind not in kinds:
+            applies = what[0] if what else f"it applies to {', '.join(kinds)} sources"
+            raise UserError(f"{flag} {value}: has no effect on {source} (a {kind} source; {applies}); leave it out")
+
+
 def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
     """An output folder: refuse an existing file, or a parent that is a file or not writable (one line)."""
     if not str(path).strip():
@@ -432,6 +465,6 @@ def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
 __all__ = ["DataSpec", "check_spec", "build_dataset", "source_kind", "holds_latents", "require_images",
            "is_latent_shards", "parse_shapes", "IMAGE_KINDS", "LATENT_KINDS", "CachedDataset", "Subset",
            "scan_records", "key_meta", "caption_meta", "keep_quality", "item_fingerprint", "record_fingerprint",
-           "skip_report", "empty_message",
+           "skip_report", "empty_message", "found_nothing",
            "build_replacing", "skip_totals", "read_records",
-           "positive_int", "nonnegative_int", "add_source_arguments", "check_out_path"]
+           "positive_int", "nonnegative_int", "add_source_arguments", "check_out_path", "refuse_unused"]

@@ -13,8 +13,17 @@ replacement of bad items, corruption, ``min_quality``) like a folder. Per sample
 ``.txt`` member (else the JSON's "caption"/"text"/"prompt"), ``meta`` the JSON object without its
 caption and key, ``key`` the JSON's "key" (what download writes: the source row, zero-padded) or the
 member key. Problems of one sample (no image member, a caption that is not UTF-8, a malformed JSON,
-a missing caption) are reported skips like a folder's; a truncated or unreadable tar is an error
-naming it.
+a missing caption) are reported skips like a folder's.
+
+A damaged tar (truncated, a header that does not check, or bytes after the last member that are not
+the end-of-archive marker: tarfile would silently stop there and the rest of the shard would vanish)
+is a "corrupt shard". Training refuses it in one line naming it (``corrupt_shards="raise"``): it holds
+a whole shard of items, so going on would train on less data than the user has without saying so, and
+the fix is cheap (a rerun of the download fetches that shard again). ``data check`` and ``data inspect``
+report it (``corrupt_shards="report"``: reason "corrupt shard", with the count of images the
+download's status file says it held) and go on with the other shards. ``microdiff data download``
+writes ``NNNNN.sha256`` beside each shard (``sha256sum -c`` reads it); ``verify=True`` (data check)
+compares every tar with it, which also catches damage inside an image member.
 """
 
 from __future__ import annotations
@@ -27,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.errors import UserError
+from ..utils.hashing import file_sha256
 from .captioned import CAPTION_COLUMNS, IMAGE_SUFFIXES, CaptionedDataset, Entry, Transform, unique_keys, validate_meta
 
 DOWNLOAD_SETTINGS = "download.json"
 DOWNLOAD_REPORT = "report.json"
 LATENT_INFO = "dataset.json"
 IMAGE_EXTENSIONS = {s.lstrip(".") for s in IMAGE_SUFFIXES}
+CORRUPT = "corrupt shard"
 
 
 @dataclass(frozen=True)
@@ -103,16 +114,53 @@ def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return b"" if handle is None else handle.read()
 
 
+class CorruptShard(UserError):
+    """A tar that cannot be read to its end (the message names it and the fix)."""
+
+
+def hash_sidecar(tar: Path) -> Path:
+    """``NNNNN.sha256`` beside ``NNNNN.tar``: the shard's SHA-256 as ``sha256sum`` writes it."""
+    return tar.with_suffix(".sha256")
+
+
+def recorded_hash(tar: Path) -> str | None:
+    """The SHA-256 (hex) the download recorded for ``tar``, or None when it recorded none."""
+    try:
+        text = hash_sidecar(tar).read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text[0].lower() if text and len(text[0]) == 64 else None
+
+
+def _fix(path: Path) -> str:
+    if (path.parent / DOWNLOAD_SETTINGS).is_file():
+        return (f"rerun `microdiff data download` with the same arguments and --out {path.parent}: it fetches this "
+                "shard's rows again")
+    return "recreate the shard or move it out of the folder"
+
+
+def _after_last_member(f, end: int, size: int) -> bool:
+    """True when the bytes from ``end`` (where tarfile stopped) to the end are the end-of-archive marker:
+    at least two zero blocks, and nothing but zeros."""
+    if size - end < 1024:
+        return False
+    f.seek(end)
+    while chunk := f.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
 def index_tar(path: Path) -> list[dict[str, Any]]:
     """Per sample of one tar, in file order: ``{"key", "image": Member | None, "image_name", "txt": bytes
-    | None, "json": bytes | None}``. A truncated or corrupt tar is a UserError naming it."""
+    | None, "json": bytes | None}``. A truncated or corrupt tar is a :class:`CorruptShard` naming it."""
     size = path.stat().st_size
     if size % 512:
-        raise UserError(f"{path}: {size} bytes is not a whole number of 512-byte tar blocks: the shard is truncated; "
-                        "delete it (and its status file) and rerun `microdiff data download` to fetch it again")
+        raise CorruptShard(f"{path}: {size} bytes is not a whole number of 512-byte tar blocks: the shard is "
+                           f"truncated; {_fix(path)}")
     samples: dict[str, dict[str, Any]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -131,24 +179,60 @@ def index_tar(path: Path) -> list[dict[str, Any]]:
                     sample["txt"] = _read(tar, member)
                 elif ext in ("json", "meta.json"):
                     sample["json"] = _read(tar, member)
+            end = tar.offset
+            complete = _after_last_member(f, end, size)
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise UserError(f"{path}: truncated or corrupt tar ({type(err).__name__}: {err}); delete it (and its status "
-                        "file) and rerun `microdiff data download` to fetch it again") from None
+        raise CorruptShard(f"{path}: truncated or corrupt tar ({type(err).__name__}: {err}); {_fix(path)}") from None
+    if not complete:
+        raise CorruptShard(f"{path}: corrupt tar: reading stopped at byte {end} of {size} (a damaged member header "
+                           f"after {len(samples)} sample(s), or a truncated end); {_fix(path)}")
     for sample in samples.values():
         if sample["image"] is not None and sample["image"].offset + sample["image"].size > size:
             sample["image"] = replace(sample["image"], size=max(size - sample["image"].offset, 0))  # read what is there
     return list(samples.values())
 
 
+def check_hash(tar: Path) -> None:
+    """A :class:`CorruptShard` when ``tar`` differs from the SHA-256 its download recorded (none: no check)."""
+    want = recorded_hash(tar)
+    if want is not None and file_sha256(tar) != want:
+        raise CorruptShard(f"{tar}: content hash mismatch with {hash_sidecar(tar).name} (the shard was changed or "
+                           f"damaged after it was downloaded); {_fix(tar)}")
+
+
+def _images_held(tar: Path) -> int | None:
+    """The images a download's status file (jsonl) says ``tar`` holds, or None if it cannot say."""
+    try:
+        lines = tar.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines()
+        return sum(json.loads(line).get("status") == "success" for line in lines if line.strip())
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
 class ImageShardDataset(CaptionedDataset):
     """The samples of image webdataset tars (see the module docstring)."""
 
-    def __init__(self, source: str | os.PathLike, transform: Transform, **kwargs: Any):
+    def __init__(self, source: str | os.PathLike, transform: Transform, corrupt_shards: str = "raise",
+                 verify: bool = False, **kwargs: Any):
         super().__init__(transform, name=kwargs.pop("name", str(source)), **kwargs)
+        if corrupt_shards not in ("raise", "report"):
+            raise ValueError(f"corrupt_shards must be 'raise' or 'report', got {corrupt_shards!r}")
         self.root = Path(source)
         self.tars = shard_files(source)
+        self.corrupt: list[Path] = []
         for tar in self.tars:
-            for sample in index_tar(tar):
+            try:
+                if verify:
+                    check_hash(tar)
+                samples = index_tar(tar)
+            except CorruptShard as err:
+                if corrupt_shards == "raise":
+                    raise
+                self.corrupt.append(tar)
+                held = _images_held(tar)
+                self._skip(str(tar), CORRUPT, str(err) + ("" if held is None else f" (it holds {held} images)"))
+                continue
+            for sample in samples:
                 entry = self._index_sample(tar, sample)
                 if entry is not None:
                     self.entries.append(entry)
@@ -199,4 +283,5 @@ class ImageShardDataset(CaptionedDataset):
         return entry.caption, dict(entry.meta)
 
 
-__all__ = ["ImageShardDataset", "is_image_shards", "shard_files", "download_shards", "index_tar", "Member"]
+__all__ = ["ImageShardDataset", "is_image_shards", "shard_files", "download_shards", "index_tar", "Member",
+           "CorruptShard", "CORRUPT", "hash_sidecar", "recorded_hash", "check_hash"]

@@ -20,12 +20,16 @@ Run folder: ``autoencoder/`` (``config.json`` + ``model.safetensors``, load with
 ``autoencoder_io.load_trained_autoencoder``; the EMA weights when EMA is on), ``reconstructions.png``
 (held-out originals over their reconstructions), ``loss.png``, ``metrics.csv`` (logged steps) and
 ``metrics.json`` (held-out L1 / MSE / PSNR before vs after training, latent scale, timings).
+The folder must be new, empty or an earlier run of this command (``train_autoencoder.json``, written
+first, says so): a folder holding other files is refused in one line and nothing in it is touched;
+it is locked (``.lock``) while a run writes to it, so a second run into it is refused too.
 After training the latent ``scale`` (and ``shift`` with ``center_latents``) is fitted on encoded
 training images, for VQ models as well as KL ones, so that latents have unit variance.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import dataclasses
@@ -40,8 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.argtypes import finite_float, int_at_least, non_negative_int, positive_float, positive_int
 from ..utils.devices import resolve_device
+from ..utils.errors import UserError, first_line
 from ..utils.files import save_torch_atomic
+from ..utils.folders import claim_folder
 from ..utils.weights import read_torch_file
 from .ae_losses import (AELossConfig, PatchDiscriminator, PerceptualLoss, disc_active, generator_loss,
                         hinge_d_loss, psnr)
@@ -49,6 +56,8 @@ from .autoencoder_io import KINDS, build_autoencoder, load_trained_autoencoder, 
 from .vae import AutoencoderConfig, ConvAutoencoder
 
 CHECKPOINT = Path("checkpoint") / "trainer.pt"
+COMMAND = "train-autoencoder"
+MARKER = "train_autoencoder.json"  # written first: says the folder is this command's (utils/folders.claim_folder)
 # positive terms, so one log-scale chart shows them (the total and g_loss can be negative: CSV only)
 PLOTTED = ("l1", "mse", "perceptual", "vq_loss", "d_loss")
 
@@ -339,60 +348,63 @@ def train_autoencoder(dataset, config: TrainAutoencoderConfig | None, out_dir: s
     trainer = AutoencoderTrainer(config, lr, seed, device, perceptual)
     if trainer.disc is not None and min(held.shape[-2:]) < trainer.disc.min_size():
         raise ValueError(f"images of {tuple(held.shape[-2:])} px are too small for a {config.loss.disc_layers}-"
-                         f"layer PatchGAN (needs >= {trainer.disc.min_size()} px); lower loss.disc_layers or "
+                         f"layer PatchGAN (needs >= {trainer.disc.min_size()} px); lower loss.disc_layers "
+                         "(--disc-layers) or "
                          "raise the resolution")
-    out.mkdir(parents=True, exist_ok=True)
-    history: list[dict[str, float]] = []
-    window: dict[str, list[float]] = {}  # terms of the steps since the last logged row
-    if resume and ckpt_path.is_file():
-        state = read_torch_file(ckpt_path, "autoencoder training checkpoint",  # on the CPU: generator states
-                                fix="delete it to start over (--no-resume), or restore it")
-        if state["settings"] != settings:
-            diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise ValueError(f"{ckpt_path}: was written by a run with other settings ({', '.join(diff)} differ); "
-                             "use a new output folder, or resume=False (--no-resume) to start over")
-        trainer.load_state_dict(state["trainer"])
-        history, window, before, seconds = state["history"], state["window"], state["before"], state["seconds"]
-        skipped, replaced = [tuple(s) for s in state.get("skipped", [])], int(state.get("replaced", 0))
-        print(f"resuming from {ckpt_path} at step {trainer.step}")
-    else:
-        before, seconds = reconstruction_metrics(trainer.model, held), 0.0
+    # the run folder: new, empty or an earlier run of this command (a foreign folder is refused, nothing in it
+    # is overwritten), locked while this run writes to it; the checkpoint's settings decide whether it resumes
+    with claim_folder(out, COMMAND, MARKER, {}, legacy=lambda folder: (folder / CHECKPOINT).is_file()):
+        history: list[dict[str, float]] = []
+        window: dict[str, list[float]] = {}  # terms of the steps since the last logged row
+        if resume and ckpt_path.is_file():
+            state = read_torch_file(ckpt_path, "autoencoder training checkpoint",  # on the CPU: generator states
+                                    fix="delete it to start over (--no-resume), or restore it")
+            if state["settings"] != settings:
+                diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+                raise ValueError(f"{ckpt_path}: was written by a run with other settings ({', '.join(diff)} "
+                                 "differ); use a new output folder, or resume=False (--no-resume) to start over")
+            trainer.load_state_dict(state["trainer"])
+            history, window, before, seconds = state["history"], state["window"], state["before"], state["seconds"]
+            skipped, replaced = [tuple(s) for s in state.get("skipped", [])], int(state.get("replaced", 0))
+            print(f"resuming from {ckpt_path} at step {trainer.step}")
+        else:
+            before, seconds = reconstruction_metrics(trainer.model, held), 0.0
 
-    def save_checkpoint():
-        save_torch_atomic({"trainer": trainer.state_dict(), "settings": settings, "history": history, "window": window,
-                      "before": before, "seconds": seconds + time.perf_counter() - start,
-                      "skipped": [list(s) for s in skipped], "replaced": replaced}, ckpt_path)
+        def save_checkpoint():
+            save_torch_atomic({"trainer": trainer.state_dict(), "settings": settings, "history": history,
+                               "window": window, "before": before, "seconds": seconds + time.perf_counter() - start,
+                               "skipped": [list(s) for s in skipped], "replaced": replaced}, ckpt_path)
 
-    start = time.perf_counter()
-    batches = _StepBatches(train_idx, batch_size, seed, trainer.step, steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
-                                         collate_fn=collate_training)
-    from tqdm.auto import tqdm
+        start = time.perf_counter()
+        batches = _StepBatches(train_idx, batch_size, seed, trainer.step, steps)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
+                                             collate_fn=collate_training)
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=min(trainer.step, steps), desc=f"train {config.kind}", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    for images, (new_skips, new_replaced) in loader:
-        skipped += [(s.path, s.reason, s.detail) for s in new_skips]
-        replaced += new_replaced
-        logs = trainer.train_step(images)
-        step = trainer.step
-        for k, v in logs.items():
-            window.setdefault(k, []).append(v)
-        if step % config.log_every == 0 or step == steps:
-            history.append({"step": step, **{k: sum(v) / len(v) for k, v in window.items()}})
-            window = {}
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", l1=f"{history[-1]['l1']:.4f}", refresh=False)
-        bar.update(1)
-        if callback is not None:
-            callback(step, logs)
-        if step % config.checkpoint_every == 0 and step < steps:
+        bar = tqdm(total=steps, initial=min(trainer.step, steps), desc=f"train {config.kind}", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        for images, (new_skips, new_replaced) in loader:
+            skipped += [(s.path, s.reason, s.detail) for s in new_skips]
+            replaced += new_replaced
+            logs = trainer.train_step(images)
+            step = trainer.step
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
+            if step % config.log_every == 0 or step == steps:
+                history.append({"step": step, **{k: sum(v) / len(v) for k, v in window.items()}})
+                window = {}
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", l1=f"{history[-1]['l1']:.4f}", refresh=False)
+            bar.update(1)
+            if callback is not None:
+                callback(step, logs)
+            if step % config.checkpoint_every == 0 and step < steps:
+                save_checkpoint()
+        bar.close()
+        if trainer.step >= steps:
             save_checkpoint()
-    bar.close()
-    if trainer.step >= steps:
-        save_checkpoint()
-    seconds += time.perf_counter() - start
-    summary = _finish(trainer, dataset, train_idx, held, out, history, before, seconds, batch_size, lr, seed)
-    return summary | {"skipped": sorted(set(skipped)), "replaced": replaced}
+        seconds += time.perf_counter() - start
+        summary = _finish(trainer, dataset, train_idx, held, out, history, before, seconds, batch_size, lr, seed)
+        return summary | {"skipped": sorted(set(skipped)), "replaced": replaced}
 
 
 def _finish(trainer: AutoencoderTrainer, dataset, train_idx, held, out: Path, history, before, seconds,
@@ -476,56 +488,116 @@ def _int_list(text: str) -> list[int]:
         raise ValueError(f"--channel-mult: expected comma-separated integers like 1,2,2; got {text!r}") from None
 
 
+def _non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value:g}")
+    return value
+
+
+def _decay(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), e.g. 0.999; got {value:g}")
+    return value
+
+
+# options that act only with others: flag -> (dest, default, what it needs, test of args that it acts)
+DEPENDENT = {
+    "--codebook-size": ("codebook_size", 512, "--kind vqgan (a new one, not with --init)",
+                        lambda a: a.kind == "vqgan" and not a.init_from),
+    "--kl-weight": ("kl_weight", 1e-6, "--kind vae", lambda a: a.kind == "vae"),
+    "--perceptual-weight": ("perceptual_weight", 1.0, "--perceptual-weights FILE", lambda a: a.perceptual_weights),
+    "--disc-start": ("disc_start", 250, "the PatchGAN (leave out --no-disc)", lambda a: not a.no_disc),
+    "--disc-layers": ("disc_layers", 3, "the PatchGAN (leave out --no-disc)", lambda a: not a.no_disc),
+    "--disc-weight": ("disc_weight", 0.5, "the PatchGAN (leave out --no-disc)", lambda a: not a.no_disc),
+    # a fine-tuned autoencoder keeps the architecture it was saved with
+    "--channels": ("channels", 32, "a new autoencoder (not with --init)", lambda a: not a.init_from),
+    "--latent-channels": ("latent_channels", 4, "a new autoencoder (not with --init)", lambda a: not a.init_from),
+    "--channel-mult": ("channel_mult", "1,2,2", "a new autoencoder (not with --init)", lambda a: not a.init_from),
+}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="any image source training reads: image folder, manifest, "
                                                       "hf:NAME, image shards (microdiff data download), or shapes:N; "
                                                       "unreadable images are replaced and counted")
-    parser.add_argument("--out", required=True, help="run folder (resumes when it holds a checkpoint)")
+    parser.add_argument("--out", required=True, help="run folder: new, empty, or an earlier train-autoencoder run "
+                                                     "(it resumes when it holds a checkpoint); a folder holding other "
+                                                     "files is refused")
     parser.add_argument("--kind", choices=sorted(KINDS), default="vae", help="KL autoencoder or VQGAN (default: vae)")
-    parser.add_argument("--resolution", type=int, default=32, help="training image side in px (default: 32)")
-    parser.add_argument("--steps", type=int, default=500, help="training steps (default: 500)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
-    parser.add_argument("--latent-channels", type=int, default=4, help="latent channels / code dimension (default: 4)")
-    parser.add_argument("--channels", type=int, default=32,
+    parser.add_argument("--resolution", type=int_at_least(8), default=32,
+                        help="training image side in px, >= 8 (default: 32)")
+    parser.add_argument("--steps", type=positive_int, default=500, help="training steps (default: 500)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per step (default: 16)")
+    parser.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
+    parser.add_argument("--latent-channels", type=positive_int, default=None,
+                        help="latent channels / code dimension (default: 4)")
+    parser.add_argument("--channels", type=positive_int, default=None,
                         help="base width of the conv encoder/decoder (default: 32; e.g. 128 for 256 px on a GPU)")
-    parser.add_argument("--channel-mult", default="1,2,2",
+    parser.add_argument("--channel-mult", default=None,
                         help="width multipliers per level; downsampling = 2^(levels-1) (default: 1,2,2)")
-    parser.add_argument("--codebook-size", type=int, default=512, help="VQGAN codebook size (default: 512)")
-    parser.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight, LDM's convention (default: 1e-6)")
+    parser.add_argument("--codebook-size", type=int_at_least(2), default=None,
+                        help="with --kind vqgan: codebook size (default: 512)")
+    parser.add_argument("--kl-weight", type=_non_negative_float, default=None,
+                        help="with --kind vae: KL weight, LDM's convention (default: 1e-6)")
     parser.add_argument("--perceptual-weights", help="VGG16 state dict (safetensors or .pth, torchvision key "
                                                      "names) for an LPIPS-like perceptual loss")
-    parser.add_argument("--perceptual-weight", type=float, default=1.0,
-                        help="weight of the perceptual loss (default: 1)")
-    parser.add_argument("--disc-start", type=int, default=250, help="step at which the PatchGAN starts (default: 250)")
+    parser.add_argument("--perceptual-weight", type=_non_negative_float, default=None,
+                        help="with --perceptual-weights: weight of the perceptual loss (default: 1)")
+    parser.add_argument("--disc-start", type=non_negative_int, default=None,
+                        help="step at which the PatchGAN starts (default: 250)")
     parser.add_argument("--no-disc", action="store_true", help="train without a discriminator")
-    parser.add_argument("--disc-layers", type=int, default=3,
+    parser.add_argument("--disc-layers", type=positive_int, default=None,
                         help="PatchGAN stride-2 layers; images need >= 3 * 2^layers px (default: 3)")
-    parser.add_argument("--disc-weight", type=float, default=0.5,
+    parser.add_argument("--disc-weight", type=_non_negative_float, default=None,
                         help="GAN weight times the adaptive weight (default: 0.5)")
-    parser.add_argument("--ema-decay", type=float, default=None,
+    parser.add_argument("--ema-decay", type=_decay, default=None,
                         help="keep an EMA of the weights (e.g. 0.999) and save it")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    parser.add_argument("--holdout", type=int, default=64,
-                        help="held-out images for before/after metrics (default: 64)")
-    parser.add_argument("--init", dest="init_from", help="a saved autoencoder folder to fine-tune on this data")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100,
+                        help="steps between checkpoints (default: 100)")
+    parser.add_argument("--holdout", type=positive_int, default=None,
+                        help="held-out images for before/after metrics, at most 1/5 of the data (default: 64, or "
+                             "1/5 of the data when that is fewer)")
+    parser.add_argument("--init", dest="init_from", help="a saved autoencoder folder to fine-tune on this data (its "
+                                                         "architecture: --channels, --channel-mult, "
+                                                         "--latent-channels are refused with it)")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over even if --out holds a checkpoint of this command")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def check_options(args) -> None:
+    """One line for an option that would do nothing with the others given (instead of ignoring it)."""
+    for flag, (dest, _, needs, acts) in DEPENDENT.items():
+        if getattr(args, dest) is not None and not acts(args):
+            raise UserError(f"{flag} {getattr(args, dest)}: acts only with {needs}; leave it out")
+
+
+def check_holdout(holdout: int | None, n: int) -> None:
+    """An explicit ``--holdout`` larger than the 1/5 of the data that may be held out is refused."""
+    most = max(1, n // 5)
+    if holdout is not None and holdout > most:
+        raise UserError(f"--holdout {holdout}: at most 1/5 of the {n} images may be held out; pass --holdout {most} "
+                        "or fewer (or leave it out)")
+
+
 def config_from_args(args) -> TrainAutoencoderConfig:
-    model = {"channels": args.channels, "channel_mult": _int_list(args.channel_mult),
-             "latent_channels": args.latent_channels}
+    value = {flag: getattr(args, dest) if getattr(args, dest) is not None else default
+             for flag, (dest, default, _, _) in DEPENDENT.items()}
+    model = {"channels": value["--channels"], "channel_mult": _int_list(value["--channel-mult"]),
+             "latent_channels": value["--latent-channels"]}
     if args.kind == "vqgan":
-        model["codebook_size"] = args.codebook_size
-    loss = AELossConfig(kl_weight=args.kl_weight, perceptual_weight=args.perceptual_weight,
-                        disc_start=None if args.no_disc else args.disc_start, disc_weight=args.disc_weight,
-                        disc_layers=args.disc_layers)
+        model["codebook_size"] = value["--codebook-size"]
+    loss = AELossConfig(kl_weight=value["--kl-weight"], perceptual_weight=value["--perceptual-weight"],
+                        disc_start=None if args.no_disc else value["--disc-start"],
+                        disc_weight=value["--disc-weight"], disc_layers=value["--disc-layers"])
     return TrainAutoencoderConfig(kind=args.kind, model=model, loss=loss, ema_decay=args.ema_decay,
-                                  checkpoint_every=args.checkpoint_every, holdout=args.holdout,
+                                  checkpoint_every=args.checkpoint_every,
+                                  holdout=64 if args.holdout is None else args.holdout,
                                   num_workers=args.workers, init_from=args.init_from)
 
 
@@ -538,15 +610,17 @@ def run(args) -> int:
     from .ae_losses import load_perceptual_loss
 
     try:
+        check_options(args)
         config = config_from_args(args)
         spec = DataSpec(source=args.data, resolution=args.resolution, seed=args.seed)
         dataset = build_replacing(spec, command="train-autoencoder", progress=not args.no_progress)
+        check_holdout(args.holdout, len(dataset))
         perceptual = load_perceptual_loss(args.perceptual_weights) if args.perceptual_weights else None
         summary = train_autoencoder(dataset, config, args.out, steps=args.steps, batch_size=args.batch_size,
                                     lr=args.lr, seed=args.seed, device=resolve_device(args.device),
                                     resume=not args.no_resume, progress=not args.no_progress, perceptual=perceptual)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"microdiff train-autoencoder: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"microdiff train-autoencoder: error: {first_line(err)}", file=sys.stderr)
         return 2
     skips = skip_totals(dataset, summary["skipped"], summary["replaced"])
     b, a = summary["before"], summary["after"]
@@ -561,4 +635,4 @@ def run(args) -> int:
 
 __all__ = ["TrainAutoencoderConfig", "AutoencoderTrainer", "train_autoencoder", "reconstruction_metrics",
            "batch_indices", "split_indices", "collate_images", "ema_update", "write_reconstructions",
-           "write_history", "add_arguments", "run", "config_from_args"]
+           "write_history", "add_arguments", "run", "config_from_args", "check_options", "check_holdout"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import write_png_atomic
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
@@ -128,7 +130,8 @@ def scatter_panels(panels: Sequence[tuple[str, np.ndarray]], path, lim: float | 
 
 
 def histogram(values: Sequence[float], path, bins: int = 40, title="", xlabel="",
-              size=(640, 400)) -> Path:
+              size=(640, 400), text: Mapping[str, str] | None = None) -> Path:
+    """Bars of ``values`` in ``bins``; ``text``: PNG text chunks (e.g. ``files.stamp(command)``)."""
     values = np.asarray(values, float)
     counts, edges = np.histogram(values[np.isfinite(values)], bins=bins)
     img = Image.new("RGB", size, "white")
@@ -139,7 +142,7 @@ def histogram(values: Sequence[float], path, bins: int = 40, title="", xlabel=""
         (x0, y0), (x1, y1) = ax.xy(a, c), ax.xy(b, 0)
         draw.rectangle([x0, y0, x1, y1], fill=PALETTE[0], outline=(255, 255, 255))
     ax.frame(title, xlabel, "count")
-    return _save(img, path)
+    return _save(img, path, text)
 
 
 def grouped_bars(groups: dict[str, dict[str, float]], path, title="", ylabel="", size=(640, 400)) -> Path:
@@ -174,8 +177,9 @@ def grouped_bars(groups: dict[str, dict[str, float]], path, title="", ylabel="",
     return _save(img, path)
 
 
-def _save(img: Image.Image, path) -> Path:
+def _save(img: Image.Image, path, text: Mapping[str, str] | None = None) -> Path:
+    """Atomically (a killed process leaves no torn PNG), with ``text`` as microdiff:<key> chunks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    write_png_atomic(img, path, text)
     return path
