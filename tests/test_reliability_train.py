@@ -370,11 +370,12 @@ def test_the_toy_demo_never_writes_over_another_folder(tmp_path, capsys):
     mine.mkdir()
     (mine / "loss.png").write_bytes(b"my plot")
     assert main(["demo", "--toy", "--out", str(mine), "--steps", "20", "--samples", "20", "--no-progress"]) == 2
-    assert "holds no toy demo" in capsys.readouterr().err and (mine / "loss.png").read_bytes() == b"my plot"
+    assert "is not an earlier run of microdiff demo --toy" in capsys.readouterr().err
+    assert (mine / "loss.png").read_bytes() == b"my plot"
     toy = tmp_path / "toy"
     assert main(["demo", "--toy", "--out", str(toy), "--steps", "20", "--samples", "20", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["demo", "--toy", "--out", str(toy), "--steps", "20", "--samples", "30", "--no-progress"]) == 2
-    assert "holds a toy demo made with other settings (n_samples 20 -> 30)" in capsys.readouterr().err
+    assert "made with other settings (n_samples 20 -> 30)" in capsys.readouterr().err
     assert main(["demo", "--samples", "30", "--out", str(tmp_path / "d")]) == 2  # --toy only: not ignored
     assert "--samples: applies to the toy demo only" in capsys.readouterr().err

@@ -24,8 +24,8 @@ from microdiff.diffusion.noise import LogNormal
 from microdiff.diffusion.toy_training import train_denoiser
 from microdiff.eval.distances import sliced_wasserstein
 from microdiff.models import MLPBackbone
-from microdiff.utils.errors import UserError
-from microdiff.utils.files import output_folder, stamp, write_json_atomic, written_by
+from microdiff.utils.files import write_json_atomic
+from microdiff.utils.folders import claim_folder
 from microdiff.utils.plots import line_plot, scatter_panels
 
 # sampler, steps, options: roughly equal denoiser-call budgets (heun uses 2 calls a step)
@@ -41,6 +41,7 @@ DEMO_SAMPLERS = [
 
 
 COMMAND = "demo --toy"
+MARKER = "toy_demo.json"  # the settings the folder was made with (utils/folders.claim_folder)
 
 
 def demo_mixture() -> GaussianMixture:
@@ -52,7 +53,13 @@ def demo_mixture() -> GaussianMixture:
 
 def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, seed: int = 0,
                    progress: bool = True) -> dict:
-    out = claim_folder(out, {"train_steps": steps, "n_samples": n_samples, "seed": seed})
+    """Train, sample and score into ``out``: a new or empty folder, or an earlier toy demo with the same
+    settings (written again, identically); anything else is refused in one line (utils/folders.py)."""
+    with claim_folder(out, COMMAND, MARKER, {"train_steps": steps, "n_samples": n_samples, "seed": seed}):
+        return _run(Path(out), steps, n_samples, seed, progress)
+
+
+def _run(out: Path, steps: int, n_samples: int, seed: int, progress: bool) -> dict:
     torch.manual_seed(seed)
     mixture = demo_mixture()
     data_std = float(mixture.sample(100_000, torch.Generator().manual_seed(seed)).std())
@@ -66,8 +73,8 @@ def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, se
     trained = train_denoiser(denoiser, lambda n, g: mixture.sample(n, g), noise, steps=steps,
                              batch_size=512, lr=2e-3, seed=seed, progress=progress)
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, out / "model.safetensors")
-    config = {**stamp(COMMAND), "backbone": {"name": "mlp", **backbone.config}, "parameterization": param.config(),
-              "noise": noise.config(), "train_steps": steps, "n_samples": n_samples, "seed": seed}
+    config = {"backbone": {"name": "mlp", **backbone.config}, "parameterization": param.config(),
+              "noise": noise.config(), "train_steps": steps, "seed": seed}
     write_json_atomic(out / "config.json", config)
 
     print(f"[2/3] sampling {n_samples} points with {len(DEMO_SAMPLERS)} samplers")
@@ -106,26 +113,6 @@ def run_smoke_demo(out: str | Path, steps: int = 3000, n_samples: int = 4000, se
     _print_table(rows, summary)
     print(f"\nwrote {out}/samples.png, loss.png, metrics.csv, metrics.json, model.safetensors, config.json")
     return summary
-
-
-def claim_folder(out: str | Path, settings: dict) -> Path:
-    """``out`` for the toy demo: new, empty, or an earlier toy demo with the same settings (which it then
-    writes again, identically); anything else is refused in one line, so nothing of yours is replaced."""
-    out = output_folder(out, "--out")
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return out
-    config = out / "config.json"
-    if written_by(config) != f"microdiff {COMMAND}":
-        raise UserError(f"--out {out}: the folder is not empty ({', '.join(entries[:3])}) and holds no toy demo; "
-                        "pass a new or empty --out")
-    before = json.loads(config.read_text())
-    changed = [k for k, v in settings.items() if before.get(k) != v]
-    if changed:
-        raise UserError(f"--out {out}: holds a toy demo made with other settings ("
-                        + ", ".join(f"{k} {before.get(k)} -> {settings[k]}" for k in changed)
-                        + "); pass another --out")
-    return out
 
 
 def _smooth(values, window: int = 50) -> np.ndarray:
