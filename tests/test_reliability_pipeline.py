@@ -284,7 +284,7 @@ def _as_saved_before_hashes(config_json):
 @pytest.fixture()
 def dit_file(tmp_path):
     torch.manual_seed(0)
-    model = MicroDiT_Nano_2(caption_channels=384)  # MiniLM's width: it converts with --text-encoder minilm
+    model = MicroDiT_Nano_2(in_channels=3, caption_channels=384)  # pixels and MiniLM's width: the parts it is given
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "dit.safetensors"))
     return tmp_path / "dit.safetensors"
 
@@ -297,14 +297,14 @@ def _convert(capsys, *args):
 
 def test_convert_writes_through_the_one_writer_and_refuses_to_overwrite(dit_file, tmp_path, capsys):
     out = tmp_path / "converted"
-    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity:4", "--text-encoder", "minilm")
+    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity", "--text-encoder", "minilm")
     assert code == 0, err
     config = yaml.safe_load((out / "pipeline.yaml").read_text())
     assert set(config["files"]) == {"denoiser.safetensors"} and config["backbone"]["preset"] == "MicroDiT_Nano_2"
     before = (out / "denoiser.safetensors").read_bytes()
-    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity:4", "--text-encoder", "minilm")
+    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity", "--text-encoder", "minilm")
     _one_line(code, err, "--out", "--overwrite")
-    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity:4", "--text-encoder", "minilm",
+    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity", "--text-encoder", "minilm",
                          "--overwrite")
     assert code == 0 and (out / "denoiser.safetensors").read_bytes() == before, err
 
@@ -312,7 +312,7 @@ def test_convert_writes_through_the_one_writer_and_refuses_to_overwrite(dit_file
 def test_convert_refuses_a_file_as_out_and_a_builtin_text_encoder(dit_file, tmp_path, capsys):
     code, err = _convert(capsys, "--dit", dit_file, "--out", dit_file)
     _one_line(code, err, "--out", "a file")
-    code, err = _convert(capsys, "--dit", dit_file, "--out", dit_file / "sub", "--vae", "identity:4",
+    code, err = _convert(capsys, "--dit", dit_file, "--out", dit_file / "sub", "--vae", "identity",
                          "--text-encoder", "minilm")
     _one_line(code, err, "--out")
     assert dit_file.is_file()

@@ -137,11 +137,53 @@ def test_loading_refuses_parts_that_do_not_fit_naming_pipeline_yaml(tmp_path, ca
     assert not (tmp_path / "s").exists()
 
 
+def test_pixel_space_with_other_than_three_channels_is_refused_not_written_as_rgba(tmp_path, capsys):
+    dit = _dit(tmp_path, in_channels=4, caption_channels=384)
+    code, _, err = _convert(capsys, dit, tmp_path / "p", "--vae", "identity:4", "--text-encoder", "minilm")
+    _one_line(code, err, "--vae identity:4", "not RGB")
+    pipe = _pipe(in_channels=4)
+    pipe.autoencoder = IdentityAutoencoder(4)
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    code, _, err = _sample(capsys, folder, tmp_path / "s")
+    _one_line(code, err, "pipeline.yaml", "identity:4", "not RGB")
+    with pytest.raises(ValueError, match="not RGB"):
+        pipe.generate(["a red circle"], num_inference_steps=1)  # built in memory: refused when it decodes
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--vae", "microdiff-vae:/no/such/vae"], ("--vae", "/no/such/vae", "does not exist")),
+    (["--vae", "diffusers-kl:/no/such/vae"], ("--vae", "does not exist")),
+    (["--vae", "diffusers-kl:owner/vae?scale=0"], ("--vae", "scale=0", "non-zero")),
+    (["--vae", "diffusers-kl:owner/vae?subfolder=vae&sclae=2"], ("--vae", "unknown option 'sclae'")),
+    (["--text-encoder", "hf:/no/such/encoder"], ("--text-encoder", "does not exist")),
+    (["--text-encoder", "hf-clip:owner/clip?layer=top"], ("--text-encoder", "layer='top'")),
+    (["--text-encoder", "openclip:ViT-B-32"], ("--text-encoder", "random weights")),
+])
+def test_convert_refuses_identifiers_that_can_never_load(tmp_path, capsys, args, needles):
+    dit = _dit(tmp_path, in_channels=4, caption_channels=384)
+    base = {"--vae": "diffusers-kl:owner/vae", "--text-encoder": "minilm"}
+    base[args[0]] = args[1]
+    code, _, err = _convert(capsys, dit, tmp_path / "p", *[x for kv in base.items() for x in kv])
+    _one_line(code, err, *needles)
+    assert not (tmp_path / "p").exists()
+
+
+def test_convert_overwrite_leaves_no_stale_part_of_the_earlier_pipeline(tmp_path, capsys):
+    vae = _small_vae(tmp_path / "vae")
+    dit = _dit(tmp_path, in_channels=4, caption_channels=384)
+    code, _, err = _convert(capsys, dit, tmp_path / "p", "--vae", f"microdiff-vae:{vae}", "--text-encoder", "minilm")
+    assert code == 0 and (tmp_path / "p" / "autoencoder").is_dir(), err
+    code, _, err = _convert(capsys, dit, tmp_path / "p", "--vae", "diffusers-kl:owner/vae", "--text-encoder",
+                            "minilm", "--overwrite")
+    assert code == 0, err
+    assert not (tmp_path / "p" / "autoencoder").exists()
+
+
 # ----------------------------------------------------------------------------- cv4, cv5, cv13: which keys
 
 @pytest.fixture()
 def nano_state(tmp_path):
-    return load_file(str(_dit(tmp_path, caption_channels=384)))
+    return load_file(str(_dit(tmp_path, in_channels=3, caption_channels=384)))
 
 
 @pytest.mark.parametrize("edit, needles", [
@@ -154,11 +196,11 @@ def test_convert_names_the_missing_or_extra_key_and_the_closest_preset(tmp_path,
     else:
         nano_state["blocks.0.extra"] = torch.zeros(3)
     save_file(nano_state, str(tmp_path / "edited.safetensors"))
-    code, _, err = _convert(capsys, tmp_path / "edited.safetensors", tmp_path / "p", "--vae", "identity:4",
+    code, _, err = _convert(capsys, tmp_path / "edited.safetensors", tmp_path / "p", "--vae", "identity",
                             "--text-encoder", "minilm")
     _one_line(code, err, "edited.safetensors", *needles)
     assert "pass --preset" not in err
-    code, _, err = _convert(capsys, tmp_path / "edited.safetensors", tmp_path / "p", "--vae", "identity:4",
+    code, _, err = _convert(capsys, tmp_path / "edited.safetensors", tmp_path / "p", "--vae", "identity",
                             "--text-encoder", "minilm", "--preset", "MicroDiT_Nano_2")
     _one_line(code, err, "does not fit --preset MicroDiT_Nano_2", needles[0])
     assert "pass --preset" not in err
@@ -166,7 +208,7 @@ def test_convert_names_the_missing_or_extra_key_and_the_closest_preset(tmp_path,
 
 def test_convert_with_the_wrong_preset_says_which_one_fits(tmp_path, capsys, nano_state):
     save_file(nano_state, str(tmp_path / "nano.safetensors"))
-    code, _, err = _convert(capsys, tmp_path / "nano.safetensors", tmp_path / "p", "--vae", "identity:4",
+    code, _, err = _convert(capsys, tmp_path / "nano.safetensors", tmp_path / "p", "--vae", "identity",
                             "--text-encoder", "minilm", "--preset", "MicroDiT_Tiny_2")
     _one_line(code, err, "does not fit --preset MicroDiT_Tiny_2", "it is a MicroDiT_Nano_2 checkpoint",
               "leave --preset out")
@@ -203,7 +245,7 @@ def test_a_damaged_image_sample_did_not_list_is_refused_as_damaged(checkpoint, t
 def test_convert_refuses_nan_weights_naming_the_file_and_tensor(tmp_path, capsys, nano_state):
     nano_state["final_layer.linear.weight"][0, 0] = float("nan")
     save_file(nano_state, str(tmp_path / "nan.safetensors"))
-    code, _, err = _convert(capsys, tmp_path / "nan.safetensors", tmp_path / "p", "--vae", "identity:4",
+    code, _, err = _convert(capsys, tmp_path / "nan.safetensors", tmp_path / "p", "--vae", "identity",
                             "--text-encoder", "minilm")
     _one_line(code, err, "nan.safetensors", "tensor final_layer.linear.weight holds 1 NaN/inf")
     assert not (tmp_path / "p").exists()

@@ -14,7 +14,9 @@ written as identifiers (nothing is downloaded here); they load when the pipeline
 built-in text encoder cannot be named: its weights train with the model, and a micro_diffusion
 checkpoint does not hold them.
 
-Checked before anything is written, each refusal one line: that --vae makes latents with the DiT's
+Checked before anything is written, each refusal one line: that --vae and --text-encoder can load
+at all (scheme, options, local folders that exist; identity with other than 3 channels is no RGB
+image); that --vae makes latents with the DiT's
 input channels and --text-encoder gives states as wide as its caption channels (the defaults too),
 as far as the identifier, a local folder's config, the Hugging Face cache or the built-in tables
 know without a download (the pipeline checks again when it loads); that the checkpoint's keys fit a
@@ -37,10 +39,10 @@ from typing import Any
 
 import torch
 
-from .encoders.image import autoencoder_geometry
+from .encoders.image import autoencoder_geometry, check_autoencoder_identifier
 from .encoders.pipeline_folder import (CONFIG_NAME, WEIGHTS_NAME, SamplingDefaults, fit_problem, is_pipeline_folder,
                                        write_pipeline_folder)
-from .encoders.text import text_encoder_width
+from .encoders.text import check_text_encoder_identifier, text_encoder_width
 from .models import MicroDiT
 from .utils.errors import UserError
 from .utils.files import output_folder
@@ -116,18 +118,19 @@ def _pos_interp_scale(table: torch.Tensor, model, config: dict[str, Any]) -> flo
 
 
 def _check_identifiers(vae: str, text_encoder: str) -> None:
-    from .encoders.image import SCHEMES as AE_SCHEMES
-    from .encoders.text import ALIASES, SCHEMES as TEXT_SCHEMES
+    """Identifiers that can never load are refused before anything is read or written (nothing is
+    downloaded: a hub id that does not exist is noticed when the pipeline loads)."""
+    from .encoders.text import ALIASES
 
-    if vae.partition(":")[0] not in AE_SCHEMES:
-        raise ValueError(f"--vae {vae!r}: unknown autoencoder scheme; use one of {', '.join(AE_SCHEMES)}")
-    if vae.partition(":")[0] != "identity" and not vae.partition(":")[2].strip():
-        raise UserError(f"--vae {vae!r}: names no model; write e.g. {DEFAULT_VAE}")
+    try:
+        check_autoencoder_identifier(vae)
+    except (ValueError, OSError) as err:
+        raise UserError(f"--vae: {err}") from None
     text = ALIASES.get(text_encoder, text_encoder)
-    if text.partition(":")[0] not in TEXT_SCHEMES:
-        raise ValueError(f"--text-encoder {text_encoder!r}: unknown scheme; use one of {', '.join(TEXT_SCHEMES)}")
-    if text.partition(":")[0] != "builtin" and not text.partition(":")[2].strip():
-        raise UserError(f"--text-encoder {text_encoder!r}: names no model; write e.g. {DEFAULT_TEXT_ENCODER}")
+    try:
+        check_text_encoder_identifier(text_encoder)
+    except (ValueError, OSError) as err:
+        raise UserError(f"--text-encoder: {err}") from None
     if text.partition(":")[0] == "builtin":
         raise UserError(f"--text-encoder {text_encoder!r}: the built-in encoder trains with its model and a "
                         "micro_diffusion checkpoint holds no weights for it; name the encoder the DiT was trained "
@@ -141,6 +144,10 @@ def _check_fit(config: dict[str, Any], dit: Path, vae: str, text_encoder: str) -
     with torch.device("meta"):
         backbone = MicroDiT(**config)
     geometry = autoencoder_geometry(vae)
+    if vae.partition(":")[0] == "identity" and geometry is not None and geometry[0] != 3:
+        raise UserError(f"--vae {vae}: pixel space with {geometry[0]} channels decodes to {geometry[0]}-channel "
+                        "'images', not RGB ones; name the autoencoder whose latents the DiT was trained on (e.g. the "
+                        f"default, {DEFAULT_VAE})")
     problem = fit_problem(backbone, geometry[0], None) if geometry is not None else None
     if problem:
         raise UserError(f"--vae {vae}{' (the default)' if vae == DEFAULT_VAE else ''}: {problem} (the DiT in {dit}); "

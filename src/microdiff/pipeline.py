@@ -319,6 +319,10 @@ class Pipeline:
         out = []
         for chunk in latents.split(step):
             decoded = self.autoencoder.decode(chunk.float())
+            if decoded.ndim != 4 or decoded.shape[1] != 3:
+                raise UserError(f"the autoencoder {self.autoencoder.identifier} decodes to shape "
+                                f"{tuple(decoded.shape)}, not RGB images (B, 3, H, W); a pipeline needs an autoencoder "
+                                "that decodes its backbone's latents to RGB")
             out.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
         return out
 

@@ -514,6 +514,39 @@ def _local_or_cached_config(source: str, subfolder: str | None) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
+def check_autoencoder_identifier(identifier: str) -> None:
+    """Refuse, in one line, an identifier that can never load, without loading or downloading anything:
+    an unknown scheme or option, a scale/shift that is not a non-zero number, a local folder that does
+    not exist (or, for our own autoencoders, holds the other kind)."""
+    scheme, _, rest = str(identifier).strip().partition(":")
+    if scheme not in SCHEMES:
+        raise ValueError(f"{identifier!r}: unknown autoencoder scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "identity":
+        _load_identity(identifier, rest, "cpu", None, False)
+        return
+    if scheme in ("microdiff-vae", "microdiff-vqgan"):
+        folder = Path(rest).expanduser()
+        if not rest or not folder.is_dir():
+            raise FileNotFoundError(f"{identifier!r}: folder {rest!r} does not exist; pass the folder your "
+                                    f"{scheme.split('-')[1].upper()} training saved")
+        kind = autoencoder_io.read_autoencoder_config(folder)["kind"]
+        if f"microdiff-{kind}" != scheme:
+            raise UserError(f"{identifier!r}: the folder holds a {kind} autoencoder, not a {scheme.split('-')[1]}; "
+                            f"write microdiff-{kind}:{rest}")
+        return
+    source, params = _parse_query(identifier, rest)
+    for key in ("scale", "shift"):
+        values = _parse_factor(identifier, key, params.get(key))
+        values = [] if values is None else [values] if isinstance(values, float) else values
+        if any(not math.isfinite(v) for v in values) or (key == "scale" and 0 in values):
+            rule = "finite and non-zero" if key == "scale" else "finite"
+            raise ValueError(f"{identifier!r}: {key}={params[key]} must be {rule}")
+    folder = Path(source).expanduser()
+    if _looks_like_path(source) and not folder.is_dir():
+        raise FileNotFoundError(f"{identifier!r}: the folder {source} does not exist; pass a folder saved with "
+                                "save_pretrained or a hub id")
+
+
 def load_autoencoder(identifier: str, device: str | torch.device = "cpu",
                      dtype: torch.dtype | str | None = None, sample: bool = False, **options) -> Autoencoder:
     """Build the autoencoder an identifier names (see the module docstring for the schemes).
@@ -535,5 +568,5 @@ def load_autoencoder(identifier: str, device: str | torch.device = "cpu",
 
 
 __all__ = ["DiffusersAutoencoder", "DiffusersAutoencoderKL", "DiffusersAutoencoderTiny", "load_autoencoder",
-           "autoencoder_geometry", "KNOWN_GEOMETRY",
+           "autoencoder_geometry", "check_autoencoder_identifier", "KNOWN_GEOMETRY",
            "resolve_dtype", "SCHEMES", "DTYPES"]

@@ -47,6 +47,7 @@ from ..utils.jsondata import json_data
 from ..utils.registry import did_you_mean
 from ..utils.weights import check_digest, file_digest, load_strict, non_finite, path_digest, read_safetensors
 from .autoencoder_io import CONFIG_NAME as AE_CONFIG_FILE
+from .base import IdentityAutoencoder
 from .autoencoder_io import WEIGHTS_NAME as AE_WEIGHTS_FILE
 from .image import autoencoder_geometry, load_autoencoder
 from .text import BuiltinTextEncoder, load_text_encoder, text_encoder_width
@@ -137,7 +138,8 @@ def write_pipeline_folder(path: str | os.PathLike, *, backbone_class: str, backb
                           backbone_state: Mapping[str, torch.Tensor], parameterization: Mapping[str, Any],
                           defaults: SamplingDefaults, text_encoder: Any, autoencoder: str,
                           backbone_preset: str | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a pipeline folder at ``path`` (created; parts already there are replaced).
+    """Write a pipeline folder at ``path`` (created; parts already there are replaced, and an earlier
+    pipeline's ``text_encoder/`` or ``autoencoder/`` that this one does not have is removed).
 
     ``text_encoder``: an encoder object (its ``save`` writes ``text_encoder/``) or an identifier string
     (recorded only; a built-in encoder needs its weights, so it must be an object). ``autoencoder``: an
@@ -160,6 +162,7 @@ def write_pipeline_folder(path: str | os.PathLike, *, backbone_class: str, backb
             raise UserError(f"text encoder {text_encoder!r}: a built-in encoder trains with its diffusion model, so "
                             "a pipeline needs its weights; pass the trained encoder (or name a pretrained one)")
         text_cfg: dict[str, Any] = {"identifier": text_encoder}
+        shutil.rmtree(path / TEXT_ENCODER_DIR, ignore_errors=True)  # an earlier pipeline's part, now stale
     else:
         shutil.rmtree(path / TEXT_ENCODER_DIR, ignore_errors=True)
         text_encoder.save(path / TEXT_ENCODER_DIR)
@@ -194,6 +197,7 @@ def _write_autoencoder(path: Path, identifier: str) -> dict[str, Any]:
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(rest, target)
         return {"identifier": f"{scheme}:{AUTOENCODER_DIR}", "relative": True}
+    shutil.rmtree(path / AUTOENCODER_DIR, ignore_errors=True)  # an earlier pipeline's part, now stale
     return {"identifier": identifier, "relative": False}
 
 
@@ -375,6 +379,10 @@ def load_parts(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     backbone = backbone.to(device=device, dtype=dtype).eval()
     text_encoder = _load_text_encoder(path, config, device)
     autoencoder = _load_autoencoder(path, config, device)
+    if isinstance(autoencoder, IdentityAutoencoder) and autoencoder.latent_channels != 3:
+        raise UserError(f"{config_path}: autoencoder {autoencoder.identifier} is pixel space with "
+                        f"{autoencoder.latent_channels} channels, which are not RGB images; {REEXPORT} naming the "
+                        "autoencoder whose latents the backbone makes")
     _check_fit(config_path, backbone, defaults, (autoencoder.latent_channels, autoencoder.downsample),
                getattr(text_encoder, "dim", None), autoencoder.identifier, text_encoder.identifier)
     return text_encoder, autoencoder, Denoiser(backbone, parameterization), defaults

@@ -425,6 +425,39 @@ KNOWN_WIDTH: dict[str, int] = {
 }
 
 
+def check_text_encoder_identifier(identifier: str) -> None:
+    """Refuse, in one line, an identifier that can never load, without loading or downloading anything:
+    an unknown scheme, alias or option, a bad option value, a local folder that does not exist, an
+    OpenCLIP name without weights."""
+    identifier = str(identifier).strip()
+    identifier = ALIASES.get(identifier, builtin_identifier({}) if identifier == "builtin" else identifier)
+    scheme, sep, rest = identifier.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(f"unknown text encoder {identifier!r}: start it with one of the schemes "
+                         f"{', '.join(s + ':' for s in SCHEMES)} or use an alias ({', '.join(['builtin', *ALIASES])})")
+    if scheme == "builtin":
+        parse_builtin(rest)
+        return
+    source, _, query = rest.partition("?")
+    if not source:
+        raise ValueError(f"{identifier}: name a hub id or a folder after '{scheme}:'")
+    if scheme == "openclip":
+        options = _parse_options(identifier, query, ("pretrained",))
+        if not source.startswith("hf-hub:") and not options.get("pretrained"):
+            raise ValueError(f"{identifier} would have random weights; name the weights with ?pretrained=<tag> or "
+                             "use an hf-hub: name")
+        return
+    options = _parse_options(identifier, query, ("layer", "final_ln", "max_length", "subfolder"))
+    _layer_name(options.get("layer", "last"))
+    if "final_ln" in options:
+        _flag(options["final_ln"], "final_ln")
+    if "max_length" in options and not (options["max_length"].isdigit() and int(options["max_length"]) > 0):
+        raise ValueError(f"{identifier}: max_length={options['max_length']!r} must be a positive integer")
+    if _looks_like_path(source) and not os.path.isdir(resolve_source(source)):
+        raise FileNotFoundError(f"{identifier}: the folder {source} does not exist; pass an existing model folder "
+                                "or a hub id")
+
+
 def text_encoder_width(identifier: str | os.PathLike) -> int | None:
     """The width of the token states the encoder an identifier (or saved folder) names gives, found
     without a download or reading weights: from the identifier (built-in), a local folder's config, the
@@ -568,8 +601,8 @@ def encode_captions(encoder: Any, captions: list[str], batch_size: int = 64, pro
 
 __all__ = [
     "BuiltinTextEncoder", "TextBlock", "HFTextEncoder", "OpenCLIPTextEncoder", "load_text_encoder",
-    "text_encoder_identifiers", "text_encoder_width", "KNOWN_WIDTH", "text_encoder_state", "text_encoder_from_state",
-    "encode_captions",
+    "text_encoder_identifiers", "check_text_encoder_identifier", "text_encoder_width", "KNOWN_WIDTH",
+    "text_encoder_state", "text_encoder_from_state", "encode_captions",
     "builtin_identifier", "parse_builtin", "resolve_source", "masked_mean", "check_captions",
     "SCHEMES", "ALIASES", "LOCAL_PACKAGES", "BUILTIN_DEFAULTS", "CONFIG_FILE", "WEIGHTS_FILE",
 ]
