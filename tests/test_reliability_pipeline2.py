@@ -216,16 +216,22 @@ def test_convert_with_the_wrong_preset_says_which_one_fits(tmp_path, capsys, nan
 
 # ----------------------------------------------------------------------------- sa43: sample's own damaged image
 
-def test_a_damaged_image_of_our_own_is_made_again(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_image_of_our_own_is_made_again(checkpoint, tmp_path, capsys, damage):
     out = tmp_path / "s"
     code, _, err = _sample(capsys, checkpoint, out, "-n", 2)
     assert code == 0, err
     good = np.asarray(Image.open(out / "00000.png"))
     other = (out / "00001.png").stat().st_mtime_ns
-    (out / "00000.png").write_bytes((out / "00000.png").read_bytes()[:-30])  # truncated, header still readable
+    data = (out / "00000.png").read_bytes()
+    if damage == "truncated":  # the header and text chunks still read: only the CRCs tell
+        data = data[:-30]
+    else:
+        data = data[:-40] + bytes(b ^ 0xFF for b in data[-40:-30]) + data[-30:]
+    (out / "00000.png").write_bytes(data)
     code, stdout, err = _sample(capsys, checkpoint, out, "-n", 2)
     assert code == 0, err
-    assert "damaged" in stdout and "00000.png" in stdout, stdout
+    assert "damaged" in stdout and "00000.png" in stdout and "making 1 image(s) again" in stdout, stdout
     assert np.array_equal(np.asarray(Image.open(out / "00000.png")), good)
     assert (out / "00001.png").stat().st_mtime_ns == other  # the intact one is kept
 

@@ -140,9 +140,11 @@ def _png_settings(path: Path) -> str | None:
         with Image.open(path) as img:
             info = dict(img.info)
             img.verify()  # every chunk to the end, with its CRC
-    except (OSError, UnidentifiedImageError):
+    except PermissionError:
+        raise  # not damage: one line from the CLI
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError):  # PIL's ways to say "broken"
         return DAMAGED
-    except Exception:  # noqa: BLE001 - PIL raises SyntaxError / struct.error / ValueError for broken PNGs
+    except Exception:  # noqa: BLE001 - struct.error and the like from a truncated chunk
         return DAMAGED
     if not any(str(k).startswith("microdiff:") for k in info):
         return None
@@ -299,10 +301,11 @@ def _write_images(args: argparse.Namespace, pipe, clip, prompts: list[tuple[str,
     from tqdm.auto import tqdm
 
     kept, redo = plan_output(out, settings, args.overwrite)  # again, now that no other run can change it
-    if redo:
-        print(f"{len(redo)} image(s) this command wrote earlier are damaged (unreadable: {', '.join(redo[:3])}"
-              f"{' ...' if len(redo) > 3 else ''}); making them again")
     todo = [k for k in range(args.num_images) if k not in kept]
+    if redo:
+        again = sum(1 for name in redo if IMAGE_NAME.fullmatch(name) and int(name[:-4]) in todo)
+        print(f"{len(redo)} file(s) microdiff sample wrote here earlier are damaged (unreadable: {', '.join(redo[:3])}"
+              f"{' ...' if len(redo) > 3 else ''}): removed" + (f", making {again} image(s) again" if again else ""))
     if todo and args.compile:
         pipe.compile(cuda_graphs=args.cuda_graphs)
     prompt_text = format_weighted(prompts)
