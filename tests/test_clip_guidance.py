@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tiny_models import clip_tokenizer
 from torch import nn
 
-from microdiff.clip_guidance import (ClipGuidedDenoiser, MakeCutouts, add_arguments, differentiable_decode,
-                                     image_targets, load_clip, parse_weighted, spherical_distance, text_targets)
+from microdiff.clip_guidance import (ClipGuidedDenoiser, MakeCutouts, add_arguments, check_arguments,
+                                     differentiable_decode, image_targets, load_clip, parse_weighted,
+                                     spherical_distance, text_targets)
 from microdiff.diffusion.denoiser import EDM, Denoiser
 from microdiff.diffusion.guidance import GuidedDenoiser
 from microdiff.diffusion.rng import per_sample_generators
@@ -285,6 +286,7 @@ def test_parse_weighted_and_cli_options():
     add_arguments(parser)
     args = parser.parse_args(["--clip-model", "openai/clip-vit-base-patch16", "--clip-guidance-scale", "300",
                               "--cutn", "8", "--images", "a.png:0.5", "b.png"])
+    check_arguments(args)  # fills in the defaults of the options not given
     assert (args.clip_model, args.clip_guidance_scale, args.cutn, args.cut_pow) == \
         ("openai/clip-vit-base-patch16", 300.0, 8, 1.0)
     assert [parse_weighted(p) for p in args.images] == [("a.png", 0.5), ("b.png", 1.0)]

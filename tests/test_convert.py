@@ -116,4 +116,4 @@ def test_convert_errors(tmp_path, nano_checkpoint):
     r = convert("--dit", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "not a micro_diffusion DiT state dict" in r.stderr
     r = convert("--dit", str(path), "--out", str(tmp_path / "o"), "--preset", "MicroDiT_XL_2")
-    assert r.returncode == 2 and "no preset has this checkpoint's layout" in r.stderr
+    assert r.returncode == 2 and "does not fit --preset MicroDiT_XL_2" in r.stderr and "MicroDiT_Nano_2" in r.stderr

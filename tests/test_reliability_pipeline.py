@@ -71,6 +71,7 @@ def _drop_hashes(folder):
     """Make the folder look like one written before content hashes were recorded."""
     config = yaml.safe_load((folder / "pipeline.yaml").read_text())
     config.pop("files", None)
+    config["version"] = 1  # format 1: hashes were optional (format 2 requires them)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -254,6 +255,7 @@ def test_our_autoencoder_and_builtin_encoder_folders_refuse_damaged_weights(tmp_
     from microdiff.encoders.vae import KLAutoencoder
 
     save_autoencoder(KLAutoencoder(channels=8, channel_mult=(1, 2), latent_channels=4, norm_groups=4), tmp_path / "vae")
+    _as_saved_before_hashes(tmp_path / "vae" / "config.json")  # the loader itself must refuse, not the hash
     weights = tmp_path / "vae" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors.*truncated"):
@@ -261,9 +263,20 @@ def test_our_autoencoder_and_builtin_encoder_folders_refuse_damaged_weights(tmp_
 
     small = BuiltinTextEncoder(dim=32, layers=1, heads=2, max_length=32).save(tmp_path / "te")
     BuiltinTextEncoder(dim=64, layers=1, heads=2, max_length=32).save(tmp_path / "te64")
+    _as_saved_before_hashes(small / "text_encoder.json")
     shutil.copy(tmp_path / "te64" / "text_encoder.safetensors", small / "text_encoder.safetensors")
     with pytest.raises(ValueError, match="text_encoder.safetensors.*another shape"):
         BuiltinTextEncoder.load(small)
+
+
+def _as_saved_before_hashes(config_json):
+    """An autoencoder or built-in text encoder folder as written before content hashes were recorded."""
+    import json
+
+    config = json.loads(config_json.read_text())
+    config.pop("files")
+    config.pop("format")
+    config_json.write_text(json.dumps(config))
 
 
 # ----------------------------------------------------------------------------- convert
@@ -271,7 +284,7 @@ def test_our_autoencoder_and_builtin_encoder_folders_refuse_damaged_weights(tmp_
 @pytest.fixture()
 def dit_file(tmp_path):
     torch.manual_seed(0)
-    model = MicroDiT_Nano_2(caption_channels=32)
+    model = MicroDiT_Nano_2(in_channels=3, caption_channels=384)  # pixels and MiniLM's width: the parts it is given
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "dit.safetensors"))
     return tmp_path / "dit.safetensors"
 
@@ -284,14 +297,14 @@ def _convert(capsys, *args):
 
 def test_convert_writes_through_the_one_writer_and_refuses_to_overwrite(dit_file, tmp_path, capsys):
     out = tmp_path / "converted"
-    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity:4", "--text-encoder", "minilm")
+    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity", "--text-encoder", "minilm")
     assert code == 0, err
     config = yaml.safe_load((out / "pipeline.yaml").read_text())
     assert set(config["files"]) == {"denoiser.safetensors"} and config["backbone"]["preset"] == "MicroDiT_Nano_2"
     before = (out / "denoiser.safetensors").read_bytes()
-    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity:4", "--text-encoder", "minilm")
+    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity", "--text-encoder", "minilm")
     _one_line(code, err, "--out", "--overwrite")
-    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity:4", "--text-encoder", "minilm",
+    code, err = _convert(capsys, "--dit", dit_file, "--out", out, "--vae", "identity", "--text-encoder", "minilm",
                          "--overwrite")
     assert code == 0 and (out / "denoiser.safetensors").read_bytes() == before, err
 
@@ -299,7 +312,8 @@ def test_convert_writes_through_the_one_writer_and_refuses_to_overwrite(dit_file
 def test_convert_refuses_a_file_as_out_and_a_builtin_text_encoder(dit_file, tmp_path, capsys):
     code, err = _convert(capsys, "--dit", dit_file, "--out", dit_file)
     _one_line(code, err, "--out", "a file")
-    code, err = _convert(capsys, "--dit", dit_file, "--out", dit_file / "sub")
+    code, err = _convert(capsys, "--dit", dit_file, "--out", dit_file / "sub", "--vae", "identity",
+                         "--text-encoder", "minilm")
     _one_line(code, err, "--out")
     assert dit_file.is_file()
     code, err = _convert(capsys, "--dit", dit_file, "--out", tmp_path / "c", "--text-encoder", "builtin")

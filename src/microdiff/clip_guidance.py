@@ -47,6 +47,8 @@ from .diffusion.denoiser import append_dims
 from .diffusion.rng import GeneratorSpec
 from .encoders.text import hf_load_weights
 from .prompts import parse_weighted  # noqa: F401 - image prompts share the text prompts' PATH[:WEIGHT] grammar
+from .utils.checks import finite, whole
+from .utils.errors import UserError
 
 # OpenAI CLIP's normalisation: used only when a model folder has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -423,21 +425,52 @@ class ClipGuidedDenoiser:
 
 # ----------------------------------------------------------------------------- CLI options
 
+CLI_DEFAULTS = {"clip_guidance_scale": 500.0, "cutn": 16, "cut_pow": 1.0}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Fill in the CLIP options' defaults, refusing in one line the combinations in which they would do
+    nothing: CLIP options without --clip-model, and --clip-guidance-scale 0 (CLIP guidance off, so the
+    model and --images would be loaded for nothing)."""
+    if args.clip_guidance_scale is not None:
+        finite(args.clip_guidance_scale, "--clip-guidance-scale")
+    if args.cutn is not None:
+        whole(args.cutn, "--cutn")
+    if args.cut_pow is not None:
+        finite(args.cut_pow, "--cut-pow", positive=True)
+    given = [f"--{name.replace('_', '-')}" for name in CLI_DEFAULTS if getattr(args, name) is not None]
+    if not args.clip_model:
+        if given or args.images:
+            raise UserError(f"{(given or ['--images'])[0]} needs --clip-model (it sets up CLIP guidance, which is off "
+                            "without a CLIP model); add --clip-model, or leave it out")
+    for name, value in CLI_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.clip_model and args.clip_guidance_scale == 0:
+        raise UserError("--clip-guidance-scale 0 turns CLIP guidance off, so --clip-model"
+                        + (" and --images" if args.images else "") + " would have no effect; give a non-zero scale, "
+                        "or leave --clip-model out")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The CLIP guidance options of ``microdiff sample``."""
+    """The CLIP guidance options of ``microdiff sample`` (check them with ``check_arguments``)."""
     group = parser.add_argument_group("CLIP guidance")
     group.add_argument("--clip-model", default=None,
                        help="CLIP model (hub id in the local cache, or a folder) to guide with, e.g. "
                             "openai/clip-vit-base-patch16 (default: off)")
-    group.add_argument("--clip-guidance-scale", type=float, default=500.0,
-                       help="strength of the CLIP gradient (default: 500, as v-diffusion)")
-    group.add_argument("--cutn", type=int, default=16, help="random crops per image per step (default: 16)")
-    group.add_argument("--cut-pow", type=float, default=1.0, help="crop size exponent; >1 favours small crops")
+    group.add_argument("--clip-guidance-scale", type=float, default=None,
+                       help=f"strength of the CLIP gradient, not 0 (default: {CLI_DEFAULTS['clip_guidance_scale']:g}, "
+                            "as v-diffusion); needs --clip-model")
+    group.add_argument("--cutn", type=int, default=None,
+                       help=f"random crops per image per step (default: {CLI_DEFAULTS['cutn']}); needs --clip-model")
+    group.add_argument("--cut-pow", type=float, default=None,
+                       help="crop size exponent; >1 favours small crops (default: 1); needs --clip-model")
     group.add_argument("--images", nargs="*", default=[], metavar="PATH[:WEIGHT]",
                        help="image prompts for CLIP guidance, e.g. fox.png:0.5")
 
 
 __all__ = [
-    "ClipEmbedder", "ClipGuidedDenoiser", "MakeCutouts", "add_arguments", "differentiable_decode",
+    "ClipEmbedder", "ClipGuidedDenoiser", "MakeCutouts", "add_arguments", "check_arguments", "CLI_DEFAULTS",
+    "differentiable_decode",
     "image_targets", "load_clip", "parse_weighted", "spherical_distance", "text_targets",
 ]

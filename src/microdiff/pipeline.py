@@ -18,6 +18,11 @@ Loading is strict: every part pipeline.yaml names must exist, match its hash and
 missing, unexpected or reshaped weights, else one line names the file (nothing is ever sampled from
 freshly initialised weights).
 
+Non-finite results are never images: after each batch the latents and the decoded images are
+checked (one host sync per batch) and NaN or inf raises a one-line UserError naming what made it (the
+checkpoint's weights, the CLIP model's, the autoencoder, or the settings), before anything is
+written; black PNGs with exit status 0 cannot happen.
+
 Determinism: image k of a call uses the generator seeded ``seed + k`` for its starting noise and
 for every stochastic step, so it does not depend on how many images are asked for or on
 ``batch_size`` (up to float round-off of batched kernels). The same seed gives the same images on
@@ -40,8 +45,10 @@ from .diffusion.samplers import SAMPLERS, STOCHASTIC, get_sampler, sampler_optio
 from .encoders.pipeline_folder import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, SamplingDefaults, load_parts,  # noqa: F401
                                        parameterization_from_config, write_pipeline_folder)
 from .encoders.pipeline_folder import fingerprint as folder_fingerprint
+from .prompts import check_mix
 from .utils.checks import finite, whole
 from .utils.errors import UserError
+from .utils.weights import non_finite
 
 
 @dataclass
@@ -218,6 +225,7 @@ class Pipeline:
             raise ValueError("generate_weighted needs at least one (prompt, weight) pair")
         texts = [t for t, _ in prompts]
         weights = [finite(w, f"weight of prompt {k} ({t!r})") for k, (t, w) in enumerate(prompts)]
+        check_mix(weights, [w for _, w in clip.images] if clip is not None and clip.scale else [])
         num_images = whole(num_images, "num_images")
         scale = self._guidance(guidance_scale)
 
@@ -271,8 +279,38 @@ class Pipeline:
                                             cut_pow=clip.cut_pow, grad_clip=clip.grad_clip,
                                             generator=per_sample_generators(seed + start, stop - start))
             latents = sample(guided, x, sigmas, callback=callback, disable=not progress, **options)
-            images.extend(self.decode(latents))
+            finite_latents = torch.isfinite(latents).all()  # read after decode: one host sync per batch
+            decoded = self.decode(latents)
+            if not (bool(finite_latents) and all(bool(torch.isfinite(d).all()) for d in decoded)):
+                raise UserError(self._non_finite(start, stop, bool(finite_latents), clip))
+            images.extend(decoded)
         return torch.cat(images)
+
+    def _non_finite(self, start: int, stop: int, finite_latents: bool, clip: ClipOptions | None) -> str:
+        """Why a batch came out NaN/inf, in one line naming the part to blame (checked only after it happened)."""
+        where = f"images {start}..{stop - 1}" if stop - start > 1 else f"image {start}"
+        checkpoint = f"the checkpoint {self.folder}" if self.folder is not None else "this pipeline (built in memory)"
+        bad = non_finite(dict(self.denoiser.backbone.state_dict()))
+        if bad is not None:
+            file = self.folder / WEIGHTS_NAME if self.folder is not None else "the denoiser"
+            return (f"{file}: tensor {bad[0]} holds {bad[1]} NaN/inf values of {bad[2]}, so sampling gives NaN "
+                    f"images ({where}, nothing written for them); the checkpoint is damaged or from a diverged run: "
+                    "export it again from a good checkpoint")
+        clip_model = getattr(clip.model, "model", None) if clip is not None else None
+        bad = non_finite(dict(clip_model.state_dict())) if clip_model is not None else None
+        if bad is not None:
+            return (f"CLIP model {clip.model.identifier}: tensor {bad[0]} holds {bad[1]} NaN/inf values of {bad[2]}, "
+                    f"so CLIP guidance gives NaN images ({where}, nothing written for them); its weights are damaged: "
+                    "download or save it again")
+        if finite_latents:
+            return (f"the autoencoder {self.autoencoder.identifier} decoded finite latents to NaN/inf pixels ({where}, "
+                    f"nothing written for them; {checkpoint}); its weights are damaged or it overflows "
+                    "in this dtype: try float32 weights (sample --dtype float32)")
+        guide = f" with CLIP model {clip.model.identifier}" if clip is not None and clip.scale else ""
+        return (f"sampling gave NaN/inf latents ({where}, nothing written for them) from {checkpoint}{guide}: "
+                "the model diverges at these settings or its weights are damaged; try "
+                "another sampler or step count, a lower guidance scale" + (" or CLIP guidance scale" if guide else "")
+                + ", or float32")
 
     def decode(self, latents: torch.Tensor) -> list[torch.Tensor]:
         """Latents -> images in [0, 1] on the CPU, ``decode_batch_size`` latents per decoder call (a VAE
@@ -281,6 +319,10 @@ class Pipeline:
         out = []
         for chunk in latents.split(step):
             decoded = self.autoencoder.decode(chunk.float())
+            if decoded.ndim != 4 or decoded.shape[1] != 3:
+                raise UserError(f"the autoencoder {self.autoencoder.identifier} decodes to shape "
+                                f"{tuple(decoded.shape)}, not RGB images (B, 3, H, W); a pipeline needs an autoencoder "
+                                "that decodes its backbone's latents to RGB")
             out.append(((decoded.float() + 1) / 2).clamp(0, 1).cpu())
         return out
 

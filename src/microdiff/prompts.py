@@ -14,6 +14,11 @@ Text before a weight is stripped of trailing spaces, so ``"photo 2 :0.5"`` is "p
 the port as text. "time: 5" is text (a space after the colon). Refused with one line, because they
 cannot be what was meant: a weight with no text before it (``":0.5"``), and a suffix that is a
 number in another spelling (``":nan"``, ``":inf"``, ``":1e3"``): weights must be finite plain decimals.
+
+A mix whose weights are all 0 is refused (``check_mix``): guidance is D_null + cfg * sum_i w_i (D_i -
+D_null), so it would be an unconditional image that looks like an answer to the prompts. Weights that
+sum to 0 but are not all 0 ("a:1" "b:-1": towards a, away from b) and only negative weights (push away
+from the empty caption) are meaningful and kept.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ def parse_weighted(prompt: str, what: str = "prompt") -> tuple[str, float]:
     return _unescape(text), 1.0
 
 
+def check_mix(weights: list[float], image_weights: list[float] = ()) -> None:
+    """Refuse a prompt mix with nothing to guide towards: every text weight 0 and no image prompt (CLIP
+    guidance) with a non-zero weight."""
+    if weights and not any(weights) and not any(image_weights):
+        raise UserError(f"prompt weights: all {len(weights)} are 0, so nothing guides the images (they would be "
+                        "unconditional samples); give a prompt a non-zero weight (negative weights push away)")
+
+
 def format_weighted(prompts: list[tuple[str, float]]) -> str:
     """A readable one-line form of weighted prompts, for logs and PNG text (not parsed back)."""
     return " | ".join(f"{text}:{weight:g}" for text, weight in prompts)
@@ -65,4 +78,4 @@ def _is_float(text: str) -> bool:
     return True
 
 
-__all__ = ["parse_weighted", "format_weighted", "WEIGHT"]
+__all__ = ["parse_weighted", "check_mix", "format_weighted", "WEIGHT"]

@@ -8,17 +8,21 @@ Prompts are TEXT or TEXT:WEIGHT (negative weights push away); every image uses t
 image k the seed seed + k. A weight is a trailing :NUMBER, a plain signed decimal (0.5, -1),
 directly after the colon, after text that does not end in a digit: "a clock showing 10:30",
 "ratio 16:9" and "time: 5" stay text. "photo 2 :0.5" gives "photo 2" the weight 0.5; \\: is a
-literal colon ("example.com\\:8080"). ":nan", ":inf", ":1e3" and a weight with no text are refused.
---images take the same PATH[:WEIGHT] form.
+literal colon ("example.com\\:8080"). ":nan", ":inf", ":1e3", a weight with no text and weights
+that are all 0 (nothing to guide towards) are refused. --images take the same PATH[:WEIGHT] form.
 
 Writes 00000.png ... with the settings in PNG text chunks, samples.jsonl (one line per image) and,
 with --grid, grid.png. Nothing is overwritten silently: every image carries a hash of everything
 that made it (prompts, negative prompt, seed, sampler, steps, cfg, eta, size, dtype, CLIP options,
 the image prompts' and the checkpoint's content). A rerun into the same --out with the same
 settings keeps the images that are there and makes only the missing ones (e.g. a larger -n, or the
-rest of a killed run). A folder holding images made with other settings is refused (pass another
---out, or --overwrite to replace those images); one holding files that sample did not write is
-always refused.
+rest of a killed run) and makes again its own images that are damaged (truncated, flipped bytes). A
+folder holding images made with other settings is refused (pass another --out, or --overwrite to
+replace those images); one holding files that sample did not write is always refused. One run
+writes into an --out at a time (a lock, OUT/.sample.lock): a second one is refused.
+
+A result that comes out NaN or inf (damaged weights, a diverging model or CLIP guidance) is an
+error naming its cause, never a black image.
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from .clip_guidance import add_arguments as add_clip_arguments
-from .prompts import format_weighted, parse_weighted
+from .clip_guidance import check_arguments as check_clip_arguments
+from .prompts import check_mix, format_weighted, parse_weighted
 from .utils.checks import finite, whole
 from .utils.devices import backbone_dtype, resolve_device
 from .utils.errors import UserError
 from .utils.files import output_folder, write_png_atomic, write_text_atomic
 from .utils.grids import image_grid
+from .utils.locks import FolderLock
 from .utils.weights import path_digest
 
 parse_prompt = parse_weighted  # "text:weight" -> (text, weight): one grammar for text and image prompts
 LOG_NAME = "samples.jsonl"
+LOCK_NAME = ".sample.lock"  # held while a run writes into --out (utils/locks.FolderLock)
 GRID_NAME = "grid.png"
 IMAGE_NAME = re.compile(r"(\d{5,})\.png")
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "eta", "checkpoint", "clip_model",
@@ -106,11 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         finite(args.eta, "--eta", minimum=0.0)
     if args.truncate_sigma is not None:
         finite(args.truncate_sigma, "--truncate-sigma", minimum=0.0)
-    finite(args.clip_guidance_scale, "--clip-guidance-scale")
-    whole(args.cutn, "--cutn")
-    finite(args.cut_pow, "--cut-pow", positive=True)
-    if args.images and not args.clip_model:
-        raise UserError("--images needs --clip-model (image prompts steer through CLIP guidance)")
+    check_clip_arguments(args)
     if args.cuda_graphs and not args.compile:
         raise UserError("--cuda-graphs works through torch.compile: add --compile")
 
@@ -123,19 +126,37 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+DAMAGED = "damaged"  # _png_settings of a PNG that cannot be read to its end (truncated, flipped bytes)
+
+
 def _png_settings(path: Path) -> str | None:
     """The settings hash a PNG of ours carries; "" for one of ours from before hashes (a microdiff
-    text chunk but no hash); None for a file that is not ours (or cannot be read)."""
+    text chunk but no hash); ``DAMAGED`` for a PNG that is not intact (its chunks' CRCs are checked,
+    so a truncated or flipped file is noticed); None for a file that is not ours."""
     from PIL import Image, UnidentifiedImageError
 
+    info: dict = {}
     try:
         with Image.open(path) as img:
             info = dict(img.info)
-    except (OSError, UnidentifiedImageError):
-        return None
+            img.verify()  # every chunk to the end, with its CRC
+    except PermissionError:
+        raise  # not damage: one line from the CLI
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError):  # PIL's ways to say "broken"
+        return DAMAGED
+    except Exception:  # noqa: BLE001 - struct.error and the like from a truncated chunk
+        return DAMAGED
     if not any(str(k).startswith("microdiff:") for k in info):
         return None
     return str(info.get("microdiff:settings", ""))
+
+
+def _logged_settings(path: Path) -> dict[str, str]:
+    """File name -> settings hash of every image an intact samples.jsonl of ours lists ({} otherwise)."""
+    if not (path.is_file() and _our_log(path)):
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {str(r["file"]): str(r.get("settings", "")) for r in records}
 
 
 def _our_log(path: Path) -> bool:
@@ -159,16 +180,21 @@ def _old_settings(out: Path) -> dict[str, Any]:
         return {}
 
 
-def plan_output(out: Path, settings: dict[str, Any], overwrite: bool) -> set[int]:
-    """Check what ``out`` already holds and return the indices of the images there that were made with
-    these settings (they are kept). Files that sample did not write: refused. Images of other
-    settings: refused, or with ``overwrite`` removed (with the old log and grid)."""
+def plan_output(out: Path, settings: dict[str, Any], overwrite: bool, apply: bool = True) -> tuple[set[int], list[str]]:
+    """Check what ``out`` already holds and return (the indices of the images there that were made with
+    these settings: they are kept, the names of damaged images of ours that are made again). Files that
+    sample did not write: refused. Images of other settings: refused, or with ``overwrite`` removed
+    (with the old log and grid). A damaged image (truncated, flipped bytes) that samples.jsonl lists as
+    ours is removed and made again when it had these settings, and counts as other settings otherwise.
+    ``apply=False``: only check (nothing is removed)."""
     digest = settings["settings"]
+    logged = _logged_settings(out / LOG_NAME)
     same: set[int] = set()
     other: list[Path] = []
+    damaged: list[Path] = []
     foreign: list[str] = []
     for entry in sorted(out.iterdir()) if out.is_dir() else []:
-        if entry.name.startswith("."):  # our temporary files, .DS_Store and the like
+        if entry.name.startswith("."):  # our lock and temporary files, .DS_Store and the like
             continue
         match = IMAGE_NAME.fullmatch(entry.name)
         if entry.name == LOG_NAME and entry.is_file():
@@ -177,6 +203,14 @@ def plan_output(out: Path, settings: dict[str, Any], overwrite: bool) -> set[int
             continue  # ours: rewritten from the images that stay
         if entry.is_file() and (match or entry.name == GRID_NAME):
             tag = _png_settings(entry)
+            if tag == DAMAGED:  # ours if our log lists it (the grid: if there is a log of ours)
+                tag = logged.get(entry.name) if match else (digest if logged else None)
+                if tag is None:
+                    foreign.append(f"{entry.name}: damaged, and {LOG_NAME} does not list it")
+                    continue
+                if tag == digest:
+                    damaged.append(entry)
+                    continue
             if tag is None:
                 foreign.append(entry.name)
             elif tag != digest:
@@ -196,11 +230,12 @@ def plan_output(out: Path, settings: dict[str, Any], overwrite: bool) -> set[int
         images = sum(1 for p in other if p.name != GRID_NAME)
         raise UserError(f"--out {out}: holds {images} image(s) made with other settings ({what}); pass another "
                         "--out, or --overwrite to replace them")
-    for path in other:
-        path.unlink()
-    if other:
-        (out / LOG_NAME).unlink(missing_ok=True)
-    return same
+    if apply:
+        for path in other + damaged:
+            path.unlink()
+        if other:
+            (out / LOG_NAME).unlink(missing_ok=True)
+    return same, [p.name for p in damaged]
 
 
 def _content_hashes(args: argparse.Namespace, images: list[tuple[str, float]]) -> dict[str, Any]:
@@ -216,14 +251,12 @@ def _content_hashes(args: argparse.Namespace, images: list[tuple[str, float]]) -
 
 def run(args: argparse.Namespace) -> int:
     """Bad input ends as one line on stderr (microdiff.cli): exit status 2."""
-    import torch
-    from tqdm.auto import tqdm
-
     from .pipeline import ClipOptions, Pipeline
 
     prompts = [parse_weighted(p) for p in args.prompts]
     image_prompts = [parse_weighted(p, "image prompt") for p in args.images]
     check_args(args)
+    check_mix([w for _, w in prompts], [w for _, w in image_prompts])
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a folder; pass a folder to write the images into")
@@ -255,9 +288,24 @@ def run(args: argparse.Namespace) -> int:
                 "images": " | ".join(args.images) or None, **_content_hashes(args, image_prompts)}
     settings["settings"] = settings_hash(settings)
     pipe.check_options(args.steps, args.sampler, args.eta, args.size, args.size, args.cfg)  # before any file
+    plan_output(out, settings, args.overwrite, apply=False)  # a refusal leaves the folder as it was
     output_folder(out, "--out")
-    kept = plan_output(out, settings, args.overwrite)
+    with FolderLock(out, LOCK_NAME, "microdiff sample"):  # one writer: a second run into --out is refused
+        return _write_images(args, pipe, clip, prompts, settings, size, out)
+
+
+def _write_images(args: argparse.Namespace, pipe, clip, prompts: list[tuple[str, float]], settings: dict[str, Any],
+                  size: dict[str, int], out: Path) -> int:
+    """The images, samples.jsonl and grid of one run into ``out`` (locked by the caller)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    kept, redo = plan_output(out, settings, args.overwrite)  # again, now that no other run can change it
     todo = [k for k in range(args.num_images) if k not in kept]
+    if redo:
+        again = sum(1 for name in redo if IMAGE_NAME.fullmatch(name) and int(name[:-4]) in todo)
+        print(f"{len(redo)} file(s) microdiff sample wrote here earlier are damaged (unreadable: {', '.join(redo[:3])}"
+              f"{' ...' if len(redo) > 3 else ''}): removed" + (f", making {again} image(s) again" if again else ""))
     if todo and args.compile:
         pipe.compile(cuda_graphs=args.cuda_graphs)
     prompt_text = format_weighted(prompts)
@@ -277,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
                                            num_inference_steps=settings["steps"], guidance_scale=settings["cfg"],
                                            sampler=settings["sampler"], seed=args.seed + run_start, eta=args.eta,
                                            batch_size=args.batch_size, clip=clip, **size)
-            for k, img in zip(range(run_start, run_stop), Pipeline.to_pil(batch)):
+            for k, img in zip(range(run_start, run_stop), pipe.to_pil(batch)):
                 rec = record(k)
                 write_png_atomic(img, out / rec["file"], {key: rec[key] for key in PNG_KEYS})
                 done.add(k)

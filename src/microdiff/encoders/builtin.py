@@ -1,7 +1,11 @@
 """The built-in text encoder: a byte-level tokenizer and a small pre-norm transformer, trained jointly
 with the diffusion model (the offline default). Its identifier (``builtin:byte-d128-l2-h4-len128-
 mlp4-seed0``) holds the whole architecture and the init seed, so an untrained one is rebuilt from it
-exactly; trained weights are saved in a folder (``save``/``load``) or with the diffusion checkpoint."""
+exactly; trained weights are saved in a folder (``save``/``load``) or with the diffusion checkpoint.
+
+A saved folder's ``text_encoder.json`` records the content hash of ``text_encoder.safetensors``
+(``files``; format 2, where it is required) and ``load`` compares it before reading the weights, as
+for pipelines and autoencoders; folders saved before (no ``format``, no hash) still load."""
 
 from __future__ import annotations
 
@@ -16,13 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import UserError
-from ..utils.weights import load_strict, read_safetensors
+from ..utils.files import write_text_atomic
+from ..utils.weights import check_digest, file_digest, load_strict, read_safetensors
 from .base import TextEncoding
-from .text_common import (CHECKPOINT_KEY, CONFIG_FILE, WEIGHTS_FILE, _count_truncation, _save_config,
+from .text_common import (CHECKPOINT_KEY, CONFIG_FILE, WEIGHTS_FILE, _count_truncation,
                           check_captions, masked_mean)
 from .tokenizer import VOCAB_SIZE, ByteTokenizer
 
 BUILTIN_DEFAULTS: dict[str, Any] = dict(dim=128, layers=2, heads=4, max_length=128, mlp_ratio=4.0, seed=0)
+SAVED_FORMAT = 2  # 2: text_encoder.json records the weights' content hash (required); none: saved before
 
 
 def builtin_identifier(config: dict[str, Any]) -> str:
@@ -140,13 +146,18 @@ class BuiltinTextEncoder(nn.Module):
         return TextEncoding(states, mask, masked_mean(states, mask))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """``directory/text_encoder.safetensors`` + ``text_encoder.json`` (identifier and config)."""
+        """``directory/text_encoder.safetensors``, then ``text_encoder.json`` (identifier, config and the
+        weights' content hash, written atomically: a folder with the JSON is complete)."""
         from safetensors.torch import save_file
 
-        directory = _save_config(directory, {"identifier": self.identifier, "kind": "builtin",
-                                             "config": self.config})
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).unlink(missing_ok=True)  # incomplete until the new one is written
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={CHECKPOINT_KEY: self.identifier})
+        payload = {"identifier": self.identifier, "kind": "builtin", "format": SAVED_FORMAT, "config": self.config,
+                   "files": {WEIGHTS_FILE: file_digest(directory / WEIGHTS_FILE)}}
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod
@@ -159,10 +170,12 @@ class BuiltinTextEncoder(nn.Module):
                 raise FileNotFoundError(f"{directory / name} not found: a built-in text encoder folder holds "
                                         f"{CONFIG_FILE} and {WEIGHTS_FILE}, as BuiltinTextEncoder.save writes them")
         try:
-            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("config")
+            payload = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+            config = payload.get("config")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise UserError(f"{directory / CONFIG_FILE}: not a JSON object ({err}); re-save the encoder with "
                             ".save()") from None
+        _verify_saved_files(directory, payload)
         if not isinstance(config, dict):
             raise ValueError(f"{directory / CONFIG_FILE}: no 'config' object; re-save the encoder with .save()")
         try:
@@ -175,6 +188,25 @@ class BuiltinTextEncoder(nn.Module):
                     what=CONFIG_FILE,
                     fix="the file belongs to another encoder; re-save it with .save()")
         return encoder.to(device=device, dtype=dtype)
+
+
+def _verify_saved_files(directory: Path, payload: dict[str, Any]) -> None:
+    """The weights' content hash that ``text_encoder.json`` records matches (required from format 2 on)."""
+    config_path = directory / CONFIG_FILE
+    version, files = payload.get("format", 1), payload.get("files")
+    if not isinstance(version, int) or version > SAVED_FORMAT:
+        raise UserError(f"{config_path}: format {version!r} is newer than this microdiff reads ({SAVED_FORMAT}); "
+                        "upgrade microdiff")
+    if files is None and version >= 2:
+        raise UserError(f"{config_path}: format {version} records the content hash of {WEIGHTS_FILE} under 'files', "
+                        "but the key is missing (the file was edited); restore it, or save the encoder again")
+    if files is None:
+        return
+    if not (isinstance(files, dict) and isinstance(files.get(WEIGHTS_FILE), str)):
+        raise UserError(f"{config_path}: 'files' must map {WEIGHTS_FILE} to its content hash; restore the file, or "
+                        "save the encoder again")
+    check_digest(directory / WEIGHTS_FILE, files[WEIGHTS_FILE], config_path,
+                 "restore the folder from a good copy, or save the encoder again")
 
 
 __all__ = ["BUILTIN_DEFAULTS", "BuiltinTextEncoder", "TextBlock", "builtin_identifier", "parse_builtin"]

@@ -45,7 +45,9 @@ import torch
 from torch import nn
 
 from ..diffusion.rng import GeneratorSpec, randn
+from ..utils.errors import UserError
 from ..utils.registry import lookup
+from . import autoencoder_io
 from .base import Autoencoder, IdentityAutoencoder
 
 Factor = float | Sequence[float]
@@ -425,8 +427,10 @@ def _load_trained(identifier: str, rest: str, device, dtype, sample: bool, *, sc
     if not rest or not folder.is_dir():
         raise FileNotFoundError(f"{identifier!r}: folder {rest!r} does not exist; pass the folder your "
                                 f"{scheme.split('-')[1].upper()} training saved")
-    from . import autoencoder_io
-
+    kind = autoencoder_io.read_autoencoder_config(folder)["kind"]
+    if f"microdiff-{kind}" != scheme:
+        raise UserError(f"{identifier!r}: the folder holds a {kind} autoencoder, not a {scheme.split('-')[1]}; "
+                        f"write microdiff-{kind}:{rest}")
     kwargs = {"sample": True} if sample else {}
     ae = autoencoder_io.load_trained_autoencoder(folder.resolve(), **kwargs, **options)
     if isinstance(ae, nn.Module):
@@ -441,6 +445,106 @@ SCHEMES: dict[str, Callable[..., Autoencoder]] = {
     "microdiff-vae": partial(_load_trained, scheme="microdiff-vae"),
     "microdiff-vqgan": partial(_load_trained, scheme="microdiff-vqgan"),
 }
+
+
+# Latent channels and downsampling of hub autoencoders, known without a download (convert checks a
+# DiT against them before it writes a pipeline); anything else is read from its config.json.
+KNOWN_GEOMETRY: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(["stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-vae",
+                     "madebyollin/sdxl-vae-fp16-fix", "stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse",
+                     "CompVis/stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5",
+                     "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1",
+                     "playgroundai/playground-v2.5-1024px-aesthetic", "madebyollin/taesd", "madebyollin/taesdxl"],
+                    (4, 8)),
+    **dict.fromkeys(["stabilityai/stable-diffusion-3-medium-diffusers", "stabilityai/stable-diffusion-3.5-large",
+                     "stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev",
+                     "black-forest-labs/FLUX.1-schnell", "madebyollin/taesd3", "madebyollin/taef1"], (16, 8)),
+}
+
+
+def autoencoder_geometry(identifier: str) -> tuple[int, int] | None:
+    """(latent channels, downsampling factor) of the autoencoder an identifier names, found without a
+    download or reading weights: from the identifier (identity), a local folder's config.json, the
+    Hugging Face cache or ``KNOWN_GEOMETRY``; None when none of them knows."""
+    scheme, _, rest = str(identifier).strip().partition(":")
+    if scheme == "identity":
+        return (int(rest), 1) if rest.isdigit() and int(rest) > 0 else (3, 1) if not rest else None
+    if scheme in ("microdiff-vae", "microdiff-vqgan"):
+        folder = Path(rest).expanduser()
+        if not folder.is_dir():
+            return None
+        _, channels, factor = autoencoder_io.saved_geometry(folder)
+        return channels, factor
+    if scheme not in DIFFUSERS_CLASSES:
+        return None
+    try:
+        source, params = _parse_query(identifier, rest)
+    except ValueError:
+        return None
+    subfolder = params.get("subfolder") or None
+    config = _local_or_cached_config(source, subfolder)
+    if config is None:
+        return KNOWN_GEOMETRY.get(source)
+    try:
+        blocks = config["block_out_channels" if scheme == "diffusers-kl" else "encoder_block_out_channels"]
+        return int(config["latent_channels"]), 2 ** (len(blocks) - 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _local_or_cached_config(source: str, subfolder: str | None) -> dict | None:
+    """config.json of a local model folder or of a hub id already in the Hugging Face cache (no download)."""
+    folder = Path(source).expanduser()
+    path: Any = None
+    if folder.is_dir():
+        path = folder / subfolder / "config.json" if subfolder else folder / "config.json"
+    elif not _looks_like_path(source):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(source, "config.json", subfolder=subfolder)
+        except Exception:  # noqa: BLE001 - a malformed id or cache: nothing known
+            path = None
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return None
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_autoencoder_identifier(identifier: str) -> None:
+    """Refuse, in one line, an identifier that can never load, without loading or downloading anything:
+    an unknown scheme or option, a scale/shift that is not a non-zero number, a local folder that does
+    not exist (or, for our own autoencoders, holds the other kind)."""
+    scheme, _, rest = str(identifier).strip().partition(":")
+    if scheme not in SCHEMES:
+        raise ValueError(f"{identifier!r}: unknown autoencoder scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "identity":
+        _load_identity(identifier, rest, "cpu", None, False)
+        return
+    if scheme in ("microdiff-vae", "microdiff-vqgan"):
+        folder = Path(rest).expanduser()
+        if not rest or not folder.is_dir():
+            raise FileNotFoundError(f"{identifier!r}: folder {rest!r} does not exist; pass the folder your "
+                                    f"{scheme.split('-')[1].upper()} training saved")
+        kind = autoencoder_io.read_autoencoder_config(folder)["kind"]
+        if f"microdiff-{kind}" != scheme:
+            raise UserError(f"{identifier!r}: the folder holds a {kind} autoencoder, not a {scheme.split('-')[1]}; "
+                            f"write microdiff-{kind}:{rest}")
+        return
+    source, params = _parse_query(identifier, rest)
+    for key in ("scale", "shift"):
+        values = _parse_factor(identifier, key, params.get(key))
+        values = [] if values is None else [values] if isinstance(values, float) else values
+        if any(not math.isfinite(v) for v in values) or (key == "scale" and 0 in values):
+            rule = "finite and non-zero" if key == "scale" else "finite"
+            raise ValueError(f"{identifier!r}: {key}={params[key]} must be {rule}")
+    folder = Path(source).expanduser()
+    if _looks_like_path(source) and not folder.is_dir():
+        raise FileNotFoundError(f"{identifier!r}: the folder {source} does not exist; pass a folder saved with "
+                                "save_pretrained or a hub id")
 
 
 def load_autoencoder(identifier: str, device: str | torch.device = "cpu",
@@ -464,4 +568,5 @@ def load_autoencoder(identifier: str, device: str | torch.device = "cpu",
 
 
 __all__ = ["DiffusersAutoencoder", "DiffusersAutoencoderKL", "DiffusersAutoencoderTiny", "load_autoencoder",
+           "autoencoder_geometry", "check_autoencoder_identifier", "KNOWN_GEOMETRY",
            "resolve_dtype", "SCHEMES", "DTYPES"]

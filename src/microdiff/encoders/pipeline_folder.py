@@ -14,7 +14,12 @@ a ``pipeline.yaml`` is complete. ``read_config`` / ``load_parts`` / ``read_weigh
 ``Pipeline.from_pretrained`` and ``model.init_from``) check everything the file names: the YAML and
 its keys, that every part exists, the content hash of every listed file (safetensors does not notice
 flipped bytes inside tensor data), and that each part's weights load strictly. Anything wrong is one
-line naming the file. Folders written before hashes were recorded (no ``files`` key) still load.
+line naming the file. From format version 2 on, ``files`` is required and must list every file the
+loader reads (the denoiser, the text encoder's and the autoencoder's files): a version-2 folder whose
+``files`` was deleted or thinned is refused. Folders of version 1 written before hashes were recorded
+(no ``files`` key) still load. Loading also checks that the parts fit each other (the autoencoder's
+latent channels against the backbone's input and output channels, the text encoder's width against
+its caption channels) and names pipeline.yaml and the parts when they do not.
 
 It lives with the encoders (it imports only diffusion, models, encoders and utils), so the trainer
 below ``pipeline`` can read and write the format without an upward import.
@@ -40,9 +45,12 @@ from ..utils.checks import finite, whole
 from ..utils.errors import UserError
 from ..utils.jsondata import json_data
 from ..utils.registry import did_you_mean
-from ..utils.weights import check_digest, file_digest, load_strict, path_digest, read_safetensors
-from .image import load_autoencoder
-from .text import BuiltinTextEncoder, load_text_encoder
+from ..utils.weights import check_digest, file_digest, load_strict, non_finite, path_digest, read_safetensors
+from .autoencoder_io import CONFIG_NAME as AE_CONFIG_FILE
+from .base import IdentityAutoencoder
+from .autoencoder_io import WEIGHTS_NAME as AE_WEIGHTS_FILE
+from .image import autoencoder_geometry, load_autoencoder
+from .text import BuiltinTextEncoder, load_text_encoder, text_encoder_width
 from .text_common import CONFIG_FILE as TEXT_CONFIG_FILE
 from .text_common import WEIGHTS_FILE as TEXT_WEIGHTS_FILE
 
@@ -51,7 +59,8 @@ WEIGHTS_NAME = "denoiser.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 AUTOENCODER_DIR = "autoencoder"
 FORMAT = "microdiff-pipeline"
-VERSION = 1
+VERSION = 2  # 2: `files` (content hashes of every part's files) is required; 1: optional
+HASHES_REQUIRED_SINCE = 2
 BACKBONES: dict[str, type] = {cls.__name__: cls for cls in (MicroDiT, UNet, MLPBackbone)}
 OWN_AUTOENCODERS = ("microdiff-vae", "microdiff-vqgan")  # trained by us: copied into the folder
 REEXPORT = "re-export the pipeline (Pipeline.save_pretrained, `microdiff convert`, or the training run)"
@@ -129,7 +138,8 @@ def write_pipeline_folder(path: str | os.PathLike, *, backbone_class: str, backb
                           backbone_state: Mapping[str, torch.Tensor], parameterization: Mapping[str, Any],
                           defaults: SamplingDefaults, text_encoder: Any, autoencoder: str,
                           backbone_preset: str | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a pipeline folder at ``path`` (created; parts already there are replaced).
+    """Write a pipeline folder at ``path`` (created; parts already there are replaced, and an earlier
+    pipeline's ``text_encoder/`` or ``autoencoder/`` that this one does not have is removed).
 
     ``text_encoder``: an encoder object (its ``save`` writes ``text_encoder/``) or an identifier string
     (recorded only; a built-in encoder needs its weights, so it must be an object). ``autoencoder``: an
@@ -152,6 +162,7 @@ def write_pipeline_folder(path: str | os.PathLike, *, backbone_class: str, backb
             raise UserError(f"text encoder {text_encoder!r}: a built-in encoder trains with its diffusion model, so "
                             "a pipeline needs its weights; pass the trained encoder (or name a pretrained one)")
         text_cfg: dict[str, Any] = {"identifier": text_encoder}
+        shutil.rmtree(path / TEXT_ENCODER_DIR, ignore_errors=True)  # an earlier pipeline's part, now stale
     else:
         shutil.rmtree(path / TEXT_ENCODER_DIR, ignore_errors=True)
         text_encoder.save(path / TEXT_ENCODER_DIR)
@@ -186,6 +197,7 @@ def _write_autoencoder(path: Path, identifier: str) -> dict[str, Any]:
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(rest, target)
         return {"identifier": f"{scheme}:{AUTOENCODER_DIR}", "relative": True}
+    shutil.rmtree(path / AUTOENCODER_DIR, ignore_errors=True)  # an earlier pipeline's part, now stale
     return {"identifier": identifier, "relative": False}
 
 
@@ -218,7 +230,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
                         f"fix the file or {REEXPORT}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{config_path}: not a microdiff pipeline config (no 'format: {FORMAT}')")
-    version = config.get("version", VERSION)
+    version = config.get("version", 1)
     if not isinstance(version, int) or version > VERSION:
         raise UserError(f"{config_path}: format version {version!r} is newer than this microdiff reads "
                         f"({VERSION}); upgrade microdiff")
@@ -229,7 +241,27 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     files = config.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise UserError(f"{config_path}: 'files' must map file names to content hashes; {REEXPORT}")
+    if version >= HASHES_REQUIRED_SINCE:
+        unlisted = [name for name in _part_files(Path(path), config) if name not in files]
+        if unlisted:
+            what = "has no 'files' section" if not files else f"does not list {unlisted[0]} under 'files'"
+            raise UserError(f"{config_path}: format version {version} records the content hash of every part, but "
+                            f"it {what} (the file was edited); restore {CONFIG_NAME} or {REEXPORT}")
     return config
+
+
+def _part_files(path: Path, config: Mapping[str, Any]) -> list[str]:
+    """The files (relative names) the loader reads besides pipeline.yaml: what ``files`` must list."""
+    names = [WEIGHTS_NAME]
+    folder = config["text_encoder"].get("folder")
+    if folder is not None:
+        names.append(f"{folder}/{TEXT_CONFIG_FILE}")
+        if (path / str(folder) / TEXT_WEIGHTS_FILE).exists():
+            names.append(f"{folder}/{TEXT_WEIGHTS_FILE}")
+    if config["autoencoder"].get("relative"):
+        rest = config["autoencoder"]["identifier"].partition(":")[2]
+        names += [f"{rest}/{AE_CONFIG_FILE}", f"{rest}/{AE_WEIGHTS_FILE}"]
+    return names
 
 
 def _require(config: dict, config_path: Path, key: str, fields: dict[str, type]) -> None:
@@ -272,7 +304,17 @@ def read_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor] |
     text_state = None
     if folder is not None and (folder / TEXT_WEIGHTS_FILE).is_file():
         text_state = read_safetensors(folder / TEXT_WEIGHTS_FILE, "text encoder weights file")
-    return {"backbone": read_safetensors(path / WEIGHTS_NAME, "denoiser weights file"), "text_encoder": text_state}
+    return {"backbone": _denoiser_state(path), "text_encoder": text_state}
+
+
+def _denoiser_state(path: Path) -> dict[str, torch.Tensor]:
+    """The denoiser's weights, refusing NaN or inf ones (a diverged run's export samples black images)."""
+    state = read_safetensors(path / WEIGHTS_NAME, "denoiser weights file")
+    bad = non_finite(state)
+    if bad is not None:
+        raise UserError(f"{path / WEIGHTS_NAME}: tensor {bad[0]} holds {bad[1]} NaN/inf values of {bad[2]} (they "
+                        f"sample black images; the run that wrote it diverged); {REEXPORT} from a good checkpoint")
+    return state
 
 
 def fingerprint(path: str | os.PathLike) -> str:
@@ -326,14 +368,74 @@ def load_parts(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     parameterization = parameterization_from_config(config["parameterization"], config_path)
     backbone = build_backbone(config, config_path)
     verify_files(path, config)  # before any weights are read
-    load_strict(backbone, read_safetensors(path / WEIGHTS_NAME, "denoiser weights file"), path / WEIGHTS_NAME,
+    state = _denoiser_state(path)
+    load_strict(backbone, state, path / WEIGHTS_NAME,
                 what=f"the {config['backbone']['class']} that {CONFIG_NAME} describes",
                 fix=f"this file belongs to another model; put back the one written with this {CONFIG_NAME} or "
                     f"{REEXPORT}")
+    # before the encoders load (a large one takes a while): what the identifiers tell without loading
+    _check_fit(config_path, backbone, defaults, _known_geometry(path, config), _known_width(path, config),
+               config["autoencoder"]["identifier"], config["text_encoder"]["identifier"])
     backbone = backbone.to(device=device, dtype=dtype).eval()
     text_encoder = _load_text_encoder(path, config, device)
     autoencoder = _load_autoencoder(path, config, device)
+    if isinstance(autoencoder, IdentityAutoencoder) and autoencoder.latent_channels != 3:
+        raise UserError(f"{config_path}: autoencoder {autoencoder.identifier} is pixel space with "
+                        f"{autoencoder.latent_channels} channels, which are not RGB images; {REEXPORT} naming the "
+                        "autoencoder whose latents the backbone makes")
+    _check_fit(config_path, backbone, defaults, (autoencoder.latent_channels, autoencoder.downsample),
+               getattr(text_encoder, "dim", None), autoencoder.identifier, text_encoder.identifier)
     return text_encoder, autoencoder, Denoiser(backbone, parameterization), defaults
+
+
+def fit_problem(backbone: torch.nn.Module, latent_channels: int | None, text_width: int | None,
+                mask_channels: bool = False) -> str | None:
+    """Why a backbone does not fit an autoencoder with ``latent_channels`` and a text encoder whose states
+    are ``text_width`` wide (None: not known, not checked), or None when they fit. ``mask_channels``: the
+    backbone may take [x, mask] (2 x latent channels; Ambient Diffusion models sampled with masks)."""
+    name = type(getattr(backbone, "_orig_mod", backbone)).__name__
+    c_in, c_out = getattr(backbone, "in_channels", None), getattr(backbone, "out_channels", None)
+    if latent_channels is not None and c_in is not None:
+        allowed = (latent_channels, 2 * latent_channels) if mask_channels else (latent_channels,)
+        if c_in not in allowed or (c_out is not None and c_out != latent_channels):
+            if c_in == 2 * latent_channels and c_out == latent_channels:
+                return (f"the {name} takes {c_in} input channels ([x, mask] of an Ambient Diffusion model) but "
+                        "defaults.mask_keep_prob is not set, so it would get no mask")
+            return (f"the autoencoder makes {latent_channels}-channel latents but the {name} takes "
+                    f"in_channels={c_in}" + (f", out_channels={c_out}" if c_out != c_in else ""))
+    caption = getattr(backbone, "caption_channels", None)
+    if text_width is not None and caption and caption != text_width:
+        return f"the text encoder's states are {text_width} wide but the {name} takes caption_channels={caption}"
+    return None
+
+
+def _check_fit(config_path: Path, backbone, defaults: SamplingDefaults, geometry, width, ae_id: str,
+               text_id: str) -> None:
+    problem = fit_problem(backbone, None if geometry is None else geometry[0], width,
+                          defaults.mask_keep_prob is not None)
+    if problem:
+        raise UserError(f"{config_path}: the parts do not fit: {problem} (autoencoder {ae_id}, text encoder "
+                        f"{text_id}); re-export the pipeline with matching parts (`microdiff convert` names them "
+                        "with --vae and --text-encoder)")
+
+
+def _known_geometry(path: Path, config: Mapping[str, Any]):
+    ae = config["autoencoder"]
+    identifier = ae["identifier"]
+    if ae.get("relative"):
+        scheme, _, rest = identifier.partition(":")
+        if not (path / rest).is_dir():
+            return None  # _load_autoencoder names the missing folder
+        identifier = f"{scheme}:{path / rest}"
+    try:
+        return autoencoder_geometry(identifier)
+    except (ValueError, OSError):
+        return None  # the load that follows says what is wrong with it
+
+
+def _known_width(path: Path, config: Mapping[str, Any]) -> int | None:
+    folder = config["text_encoder"].get("folder")
+    return text_encoder_width(path / str(folder) if folder is not None else config["text_encoder"]["identifier"])
 
 
 def _load_text_encoder(path: Path, config: Mapping[str, Any], device):
@@ -364,4 +466,4 @@ def _load_autoencoder(path: Path, config: Mapping[str, Any], device):
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "TEXT_ENCODER_DIR", "AUTOENCODER_DIR", "FORMAT", "VERSION", "BACKBONES",
            "SamplingDefaults", "write_pipeline_folder", "is_pipeline_folder", "read_config", "verify_files",
-           "read_weights", "fingerprint", "parameterization_from_config", "build_backbone", "load_parts"]
+           "read_weights", "fingerprint", "parameterization_from_config", "build_backbone", "load_parts", "fit_problem"]

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import UserError
-from ..utils.weights import load_strict
+from ..utils.weights import load_strict, non_finite
 from .base import TextEncoding
 from .builtin import BUILTIN_DEFAULTS, BuiltinTextEncoder, TextBlock, builtin_identifier, parse_builtin  # noqa: F401
 from .text_common import (CHECKPOINT_KEY, CONFIG_FILE, WEIGHTS_FILE, _count_truncation,  # noqa: F401
@@ -136,16 +136,20 @@ def hf_load_weights(loader: Callable[..., Any], path: str, identifier: str, *, w
     """``loader(path, output_loading_info=True, **kwargs)`` (a transformers ``from_pretrained``), refusing
     weights files that miss some of the model's weights or hold them in other shapes: transformers would
     initialise those at random with only a warning. Extra weights (a full CLIP's vision tower when only
-    the text tower is loaded) are fine. Its load report is silenced: a problem is one line. ``wrap``: the
+    the text tower is loaded) are fine; NaN or inf weights (a damaged file) are refused. Its load report is
+    silenced: a problem is one line. ``wrap``: the
     caller's ``(loader, path, identifier, what, **kwargs)`` error wrapper (default: ours)."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would be more lines around an error
     try:
         model, info = (wrap or _hf_load)(loader, path, identifier, "weights", output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [k if isinstance(k, str) else k[0] for k in (info.get("mismatched_keys") or [])]
     if missing or mismatched:
@@ -154,6 +158,10 @@ def hf_load_weights(loader: Callable[..., Any], path: str, identifier: str, *, w
                                         if mismatched else "") if p)
         raise UserError(f"{identifier}: the weights in {path} do not fit the model its config describes ({problem}); "
                         "transformers would initialise them at random: download or save the model again")
+    bad = non_finite(model.state_dict())
+    if bad is not None:
+        raise UserError(f"{identifier}: tensor {bad[0]} in {path} holds {bad[1]} NaN/inf values of {bad[2]} (damaged "
+                        "weights give NaN outputs, black images); download or save the model again")
     return model
 
 
@@ -403,6 +411,115 @@ def text_encoder_identifiers() -> dict[str, str]:
     }
 
 
+# Width of the token states of hub encoders, known without a download (convert checks a DiT's caption
+# width against them before it writes a pipeline); anything else is read from its config.
+KNOWN_WIDTH: dict[str, int] = {
+    "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378": 1024, "openclip:ViT-H-14": 1024, "openclip:ViT-L-14": 768,
+    "openclip:ViT-B-32": 512, "openclip:ViT-B-16": 512, "openclip:ViT-bigG-14": 1280, "openclip:ViT-g-14": 1024,
+    "hf-clip:openai/clip-vit-large-patch14": 768, "hf-clip:openai/clip-vit-base-patch32": 512,
+    "hf-clip:openai/clip-vit-base-patch16": 512, "hf-clip:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k": 1280,
+    "hf-clip:laion/CLIP-ViT-H-14-laion2B-s32B-b79K": 1024,
+    "hf-t5:google/t5-v1_1-xxl": 4096, "hf-t5:google/t5-v1_1-xl": 2048, "hf-t5:google/t5-v1_1-large": 1024,
+    "hf-t5:google/t5-v1_1-base": 768, "hf-t5:google/flan-t5-xxl": 4096, "hf-t5:google/flan-t5-xl": 2048,
+    "hf:sentence-transformers/all-MiniLM-L6-v2": 384, "hf:bert-base-uncased": 768,
+}
+
+
+def check_text_encoder_identifier(identifier: str) -> None:
+    """Refuse, in one line, an identifier that can never load, without loading or downloading anything:
+    an unknown scheme, alias or option, a bad option value, a local folder that does not exist, an
+    OpenCLIP name without weights."""
+    identifier = str(identifier).strip()
+    identifier = ALIASES.get(identifier, builtin_identifier({}) if identifier == "builtin" else identifier)
+    scheme, sep, rest = identifier.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(f"unknown text encoder {identifier!r}: start it with one of the schemes "
+                         f"{', '.join(s + ':' for s in SCHEMES)} or use an alias ({', '.join(['builtin', *ALIASES])})")
+    if scheme == "builtin":
+        parse_builtin(rest)
+        return
+    source, _, query = rest.partition("?")
+    if not source:
+        raise ValueError(f"{identifier}: name a hub id or a folder after '{scheme}:'")
+    if scheme == "openclip":
+        options = _parse_options(identifier, query, ("pretrained",))
+        if not source.startswith("hf-hub:") and not options.get("pretrained"):
+            raise ValueError(f"{identifier} would have random weights; name the weights with ?pretrained=<tag> or "
+                             "use an hf-hub: name")
+        return
+    options = _parse_options(identifier, query, ("layer", "final_ln", "max_length", "subfolder"))
+    _layer_name(options.get("layer", "last"))
+    if "final_ln" in options:
+        _flag(options["final_ln"], "final_ln")
+    if "max_length" in options and not (options["max_length"].isdigit() and int(options["max_length"]) > 0):
+        raise ValueError(f"{identifier}: max_length={options['max_length']!r} must be a positive integer")
+    if _looks_like_path(source) and not os.path.isdir(resolve_source(source)):
+        raise FileNotFoundError(f"{identifier}: the folder {source} does not exist; pass an existing model folder "
+                                "or a hub id")
+
+
+def text_encoder_width(identifier: str | os.PathLike) -> int | None:
+    """The width of the token states the encoder an identifier (or saved folder) names gives, found
+    without a download or reading weights: from the identifier (built-in), a local folder's config, the
+    Hugging Face cache or ``KNOWN_WIDTH``; None when none of them knows."""
+    folder = Path(os.fspath(identifier)).expanduser()
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            payload = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(payload, dict):
+            return None
+        if isinstance(payload.get("config"), dict) and "dim" in payload["config"]:
+            return int(payload["config"]["dim"])
+        return text_encoder_width(payload["identifier"]) if isinstance(payload.get("identifier"), str) else None
+    identifier = str(identifier).strip()
+    identifier = ALIASES.get(identifier, builtin_identifier({}) if identifier == "builtin" else identifier)
+    scheme, _, rest = identifier.partition(":")
+    if scheme == "builtin":
+        try:
+            return int(parse_builtin(rest)["dim"])
+        except ValueError:
+            return None
+    source, _, query = rest.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    if scheme in HF_FAMILIES:
+        config = _local_or_cached_json(source, "config.json", options.get("subfolder"))
+        if config is not None:
+            config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+            width = config.get("hidden_size", config.get("d_model"))
+            return int(width) if isinstance(width, int) else None
+    elif scheme == "openclip" and source.startswith("hf-hub:"):
+        config = _local_or_cached_json(source[len("hf-hub:"):], "open_clip_config.json", None)
+        width = ((config or {}).get("model_cfg") or {}).get("text_cfg", {}).get("width")
+        if isinstance(width, int):
+            return width
+    return KNOWN_WIDTH.get(f"{scheme}:{source}") if not options.get("subfolder") else None
+
+
+def _local_or_cached_json(source: str, name: str, subfolder: str | None) -> dict | None:
+    """A JSON file of a local model folder (or a package that ships one) or of a hub id already in the
+    Hugging Face cache; None when it is not there (nothing is downloaded)."""
+    local = Path(resolve_source(source))
+    path: Any = None
+    if local.is_dir():
+        path = local / subfolder / name if subfolder else local / name
+    elif not _looks_like_path(source):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(source, name, subfolder=subfolder)
+        except Exception:  # noqa: BLE001 - a malformed id or cache: nothing known
+            path = None
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def load_text_encoder(identifier: str | os.PathLike, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = None, padding: str = "max_length") -> Any:
     """The encoder an identifier names (see the module docstring), or the one saved in a folder by
@@ -484,7 +601,8 @@ def encode_captions(encoder: Any, captions: list[str], batch_size: int = 64, pro
 
 __all__ = [
     "BuiltinTextEncoder", "TextBlock", "HFTextEncoder", "OpenCLIPTextEncoder", "load_text_encoder",
-    "text_encoder_identifiers", "text_encoder_state", "text_encoder_from_state", "encode_captions",
+    "text_encoder_identifiers", "check_text_encoder_identifier", "text_encoder_width", "KNOWN_WIDTH",
+    "text_encoder_state", "text_encoder_from_state", "encode_captions",
     "builtin_identifier", "parse_builtin", "resolve_source", "masked_mean", "check_captions",
     "SCHEMES", "ALIASES", "LOCAL_PACKAGES", "BUILTIN_DEFAULTS", "CONFIG_FILE", "WEIGHTS_FILE",
 ]

@@ -83,6 +83,15 @@ def read_torch_file(path: str | os.PathLike, what: str = "file", fix: str = "res
                         f"{fix}") from None
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(name, non-finite count, size) of the first floating tensor holding NaN or inf, or None: weights
+    like that make NaN outputs (black images) without any error, so writers and diagnoses refuse them."""
+    for name, tensor in tensors.items():
+        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+            return name, int((~torch.isfinite(tensor)).sum()), tensor.numel()
+    return None
+
+
 def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                    ignore_shape: tuple[str, ...] = ()) -> str | None:
     """What differs between a module's own state dict and ``state`` (None when the keys and shapes
@@ -122,4 +131,5 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     raise UserError(f"{source}: weights do not match {what} ({problem}); {fix}")
 
 
-__all__ = ["DIGEST", "file_digest", "path_digest", "check_digest", "read_safetensors", "read_torch_file", "state_mismatch", "load_strict"]
+__all__ = ["DIGEST", "file_digest", "path_digest", "check_digest", "read_safetensors", "read_torch_file", "non_finite",
+           "state_mismatch", "load_strict"]
