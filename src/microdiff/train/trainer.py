@@ -606,6 +606,7 @@ class Trainer:
                 self.load_state_dict(state, source=str(resumed_from))
             self._record_config(state, changes, allow_config_change)
             self._fit(resumed_from, state)
+            barrier(self.dist)  # every rank done (rank 0 writes reports last) before the process group goes
         finally:
             if lock is not None:
                 lock.release()
