@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from .utils.argtypes import Parser
 from .utils.errors import run_command
 
 EVAL_COMMANDS = {
@@ -73,14 +74,6 @@ TOP_COMMANDS = {
                           ["microdiff train-autoencoder --data shapes:2000 --out runs/vae --kind vae "
                            "--resolution 32 --steps 500"]),
 }
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a usage mistake in one line (``microdiff sample: error: argument --steps: ...; see
-    microdiff sample --help``) instead of the usage block followed by the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_module_command(sub, name: str, module: str, summary: str, examples: list[str],

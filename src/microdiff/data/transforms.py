@@ -95,6 +95,8 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise ImageDecodeError("Pillow does not recognise this as an image", "not an image", name) from None
+    except (OSError, ValueError, SyntaxError) as err:  # a header cut short ("Truncated File Read") and the like
+        raise ImageDecodeError(str(err) or "the image header is damaged", "corrupt image", name) from None
     try:
         image.seek(0)
         image.load()  # decode now: a truncated JPEG fails here, not later inside resize

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils.argtypes import positive_float, positive_int
+from ..utils.argtypes import Parser, positive_float, positive_int
 from ..utils.files import output_file, stamp, write_text_atomic
 from .features import check_finite, quiet_hub_progress
 from .generate import IMAGES_DIR, read_prompts
@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="microdiff eval clip-score", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="microdiff eval clip-score", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils.argtypes import finite_float, non_negative_float, positive_int
+from ..utils.argtypes import Parser, finite_float, non_negative_float, positive_int
 from ..utils.devices import backbone_dtype
 from ..utils.errors import debug_enabled
 from ..utils.files import WRITTEN_BY, output_folder, stamp, write_png_atomic, write_text_atomic
@@ -503,7 +503,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="microdiff eval generate", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="microdiff eval generate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

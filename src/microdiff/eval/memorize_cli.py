@@ -57,7 +57,7 @@ import torch
 from ..data.sources import DataSpec, build_dataset, skip_totals
 from ..utils.errors import debug_enabled
 from .errors import USER_ERRORS, first_line as _first_line, report_error
-from ..utils.argtypes import non_negative_int, positive_int
+from ..utils.argtypes import Parser, non_negative_int, positive_int
 from ..utils.files import WRITTEN_BY, output_file, output_folder, stamp, write_text_atomic, written_by
 from ..utils.locks import FolderLock
 from .features import check_finite, quiet_hub_progress, spec_of
@@ -636,7 +636,7 @@ def summary(report: dict[str, Any], paths: dict[str, Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m microdiff.eval.memorize_cli ...`` (what torchrun runs)."""
-    parser = argparse.ArgumentParser(prog="microdiff eval memorization", description=DESCRIPTION,
+    parser = Parser(prog="microdiff eval memorization", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES))
     add_arguments(parser)

@@ -59,5 +59,14 @@ non_negative_int = int_at_least(0)
 positive_float = float_above(0.0)
 non_negative_float = float_at_least(0.0)
 
-__all__ = ["int_at_least", "finite_float", "float_above", "float_at_least", "positive_int", "non_negative_int",
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake in one line (``microdiff sample: error: argument --steps: ...; see
+    microdiff sample --help``) instead of the usage block followed by the message. Subparsers made from
+    it are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+__all__ = ["Parser", "int_at_least", "finite_float", "float_above", "float_at_least", "positive_int", "non_negative_int",
            "positive_float", "non_negative_float"]
